@@ -1,0 +1,139 @@
+"""Forward hooks: features by module path and BatchNorm statistics, never model surgery.
+
+``FeatureTap(model, ["layer2", "fc"])`` captures the outputs (or inputs) of modules named by
+their ``named_modules()`` path. Paths are resolved on ``model.net`` when the model is a
+normalisation wrapper (so users write the paths of the architecture they know), else on the
+model itself, so stock torchvision models work unchanged.
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from dfkd.losses import bn_statistics_loss
+
+
+class FeatureTapError(ValueError):
+    """A module path that does not exist in the model."""
+
+
+def inner_network(model: nn.Module) -> nn.Module:
+    """The network whose module paths users name: ``model.net`` for wrappers, else ``model``."""
+    return getattr(model, "net", model)
+
+
+def resolve_module(model: nn.Module, path: str) -> nn.Module:
+    """Return the sub-module at ``path`` (``""`` is the network itself)."""
+    net = inner_network(model)
+    modules = dict(net.named_modules())
+    if path not in modules:
+        known = [name for name in modules if name][:40]
+        raise FeatureTapError(
+            f"module path {path!r} not found in {type(net).__name__}; known paths include: {', '.join(known)}"
+        )
+    return modules[path]
+
+
+class FeatureTap:
+    """Capture module outputs (``capture="output"``) or first inputs (``"input"``) by path.
+
+    Use as a context manager or call :meth:`close`. After a forward pass, ``tap[path]`` (or
+    ``tap.features``) holds the tensors of that pass; they keep their autograd graph so a loss
+    on them back-propagates into the model's input.
+    """
+
+    def __init__(self, model: nn.Module, paths: Iterable[str], capture: str = "output"):
+        if capture not in ("output", "input"):
+            raise ValueError(f"capture must be 'output' or 'input', not {capture!r}")
+        self.paths = list(paths)
+        self.features: dict[str, torch.Tensor] = {}
+        self._handles = []
+        for path in self.paths:
+            module = resolve_module(model, path)
+            if capture == "output":
+                handle = module.register_forward_hook(self._output_hook(path))
+            else:
+                handle = module.register_forward_pre_hook(self._input_hook(path))
+            self._handles.append(handle)
+
+    def _output_hook(self, path):
+        def hook(module, inputs, output):
+            self.features[path] = output
+
+        return hook
+
+    def _input_hook(self, path):
+        def hook(module, inputs):
+            self.features[path] = inputs[0]
+
+        return hook
+
+    def __getitem__(self, path: str) -> torch.Tensor:
+        if path not in self.features:
+            raise KeyError(f"no feature captured for {path!r}: run a forward pass first")
+        return self.features[path]
+
+    def clear(self) -> None:
+        self.features = {}
+
+    def close(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def penultimate_tap(model: nn.Module) -> FeatureTap:
+    """A tap on the input of the model's classifier head (``head_path``): its penultimate
+    features, as DAFL's activation loss and the embedding plots need."""
+    head = getattr(model, "head_path", None) or getattr(inner_network(model), "head_path", None)
+    if head is None:
+        raise FeatureTapError(f"{type(model).__name__} has no head_path; name the feature layer explicitly")
+    return FeatureTap(model, [head], capture="input")
+
+
+class BNStatisticsHook:
+    """DeepInversion's feature-distribution regulariser over every BatchNorm layer.
+
+    On each forward pass, for each ``nn.BatchNorm1d/2d`` in eval mode, compares the batch
+    mean and (biased) variance of the layer's input with its running statistics
+    (:func:`dfkd.losses.bn_statistics_loss`). ``loss()`` returns the sum over layers of the
+    last forward pass; ``layer_losses`` the per-layer terms.
+    """
+
+    def __init__(self, model: nn.Module):
+        self.bn_layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        self.layer_losses: list[torch.Tensor] = []
+        self._handles = [m.register_forward_hook(self._hook) for m in self.bn_layers]
+
+    def __len__(self) -> int:
+        return len(self.bn_layers)
+
+    def _hook(self, module, inputs, output):
+        x = inputs[0].float()
+        dims = [0] + list(range(2, x.dim()))
+        mean = x.mean(dim=dims)
+        var = x.var(dim=dims, unbiased=False)
+        self.layer_losses.append(bn_statistics_loss(mean, var, module.running_mean.float(), module.running_var.float()))
+
+    def reset(self) -> None:
+        self.layer_losses = []
+
+    def loss(self) -> torch.Tensor:
+        if not self.layer_losses:
+            raise RuntimeError("BNStatisticsHook.loss() called before any forward pass")
+        total = torch.stack(self.layer_losses).sum()
+        self.layer_losses = []
+        return total
+
+    def close(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []

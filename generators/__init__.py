@@ -1,0 +1,28 @@
+"""Synthesizers: turn teachers (and the current student) into batches of [0,1] images.
+
+Importing this package registers every built-in method.
+"""
+from generators.base import (
+    ImagePool,
+    Synthesizer,
+    SynthesizerOptionError,
+    SyntheticBatch,
+    UnknownSynthesizerError,
+    create_synthesizer,
+    list_synthesizers,
+    register_synthesizer,
+    synthesizer_class,
+)
+from generators import adversarial, dafl, deepinversion  # noqa: F401  (registration)
+
+__all__ = [
+    "ImagePool",
+    "Synthesizer",
+    "SynthesizerOptionError",
+    "SyntheticBatch",
+    "UnknownSynthesizerError",
+    "create_synthesizer",
+    "list_synthesizers",
+    "register_synthesizer",
+    "synthesizer_class",
+]

@@ -1,0 +1,280 @@
+"""The synthesizer interface, its registry and the parts every method shares.
+
+A synthesizer turns a frozen teacher (a single model or an ensemble; anything that maps
+``[0,1]`` images to logits) and the current student into batches of ``[0,1]`` images:
+
+- :meth:`Synthesizer.synthesize` runs one *synthesis round* (a generator update, or the
+  optimisation of a fresh batch of images) and returns its named loss terms;
+- :meth:`Synthesizer.sample` returns a :class:`SyntheticBatch` for one student step;
+- :meth:`Synthesizer.student_losses` returns the student's named loss terms on that batch
+  (KD at temperature ``T`` unless the method says otherwise).
+
+The engine calls ``synthesize`` once every ``student_steps_per_round`` student steps. Methods
+are registered with ``@register_synthesizer("name")``; their paper defaults live in the class
+attribute ``defaults`` and every option can be overridden by keyword.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from dfkd.losses import kd_loss
+
+_REGISTRY: dict[str, type["Synthesizer"]] = {}
+
+
+class UnknownSynthesizerError(ValueError):
+    """An unknown method name."""
+
+
+class SynthesizerOptionError(ValueError):
+    """An option a method does not accept, or a teacher the method cannot use."""
+
+
+def register_synthesizer(name: str) -> Callable[[type], type]:
+    """Class decorator: make a :class:`Synthesizer` subclass available under ``name``."""
+
+    def decorator(cls):
+        if name in _REGISTRY:
+            raise ValueError(f"synthesizer {name!r} is registered twice")
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return decorator
+
+
+def list_synthesizers() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def synthesizer_class(name: str) -> type["Synthesizer"]:
+    if name not in _REGISTRY:
+        raise UnknownSynthesizerError(f"unknown method {name!r}; known methods: {', '.join(list_synthesizers())}")
+    return _REGISTRY[name]
+
+
+def create_synthesizer(name: str, teacher: nn.Module, **kwargs) -> "Synthesizer":
+    """Build the synthesizer registered as ``name`` (see :func:`list_synthesizers`)."""
+    return synthesizer_class(name)(teacher, **kwargs)
+
+
+@dataclass
+class SyntheticBatch:
+    """Images in ``[0,1]`` for one student step, with the teacher's logits when the
+    synthesizer already computed them on exactly these images (else ``None``)."""
+
+    images: torch.Tensor
+    teacher_logits: torch.Tensor | None = None
+
+
+def teacher_stats(teacher: nn.Module, channels: int):
+    """The teacher's input mean/std (from its normalisation wrapper), or 0.5/0.5."""
+    mean = getattr(teacher, "mean", None)
+    std = getattr(teacher, "std", None)
+    if isinstance(mean, torch.Tensor) and isinstance(std, torch.Tensor) and mean.numel() == channels:
+        return mean.detach().flatten().cpu(), std.detach().flatten().cpu()
+    return torch.full((channels,), 0.5), torch.full((channels,), 0.5)
+
+
+def random_jitter_flip(images: torch.Tensor, max_shift: int, flip: bool, generator: torch.Generator | None = None) -> torch.Tensor:
+    """DeepInversion's input augmentation: one random roll of up to ``max_shift`` pixels in
+    each direction for the whole batch, then (if ``flip``) a horizontal flip with p=0.5."""
+    if max_shift > 0:
+        dx, dy = torch.randint(-max_shift, max_shift + 1, (2,), generator=generator).tolist()
+        images = torch.roll(images, shifts=(dx, dy), dims=(2, 3))
+    if flip and torch.rand((), generator=generator).item() < 0.5:
+        images = torch.flip(images, dims=(3,))
+    return images
+
+
+def augment_batch(images: torch.Tensor, pad: int = 2, flip: bool = True) -> torch.Tensor:
+    """Per-sample random crop (zero padding ``pad``) and horizontal flip, batched on the
+    images' device without host synchronisation (used when the student trains on a pool)."""
+    n, _, h, w = images.shape
+    if pad > 0:
+        padded = nn.functional.pad(images, (pad, pad, pad, pad))
+        # integer offsets per sample, gathered with an index grid
+        off_y = torch.randint(0, 2 * pad + 1, (n, 1, 1), device=images.device)
+        off_x = torch.randint(0, 2 * pad + 1, (n, 1, 1), device=images.device)
+        rows = (torch.arange(h, device=images.device).view(1, h, 1) + off_y).expand(n, h, w)
+        cols = (torch.arange(w, device=images.device).view(1, 1, w) + off_x).expand(n, h, w)
+        batch_idx = torch.arange(n, device=images.device).view(n, 1, 1).expand(n, h, w)
+        images = padded.permute(0, 2, 3, 1)[batch_idx, rows, cols].permute(0, 3, 1, 2)
+    if flip:
+        mask = torch.rand(n, 1, 1, 1, device=images.device) < 0.5
+        images = torch.where(mask, images.flip(3), images)
+    return images.contiguous()
+
+
+class ImagePool:
+    """A bounded memory bank of synthesized images (as DeepInversion's saved batches and
+    CMI/Fast's memory banks). Policy: first-in-first-out — once ``capacity`` images are
+    held, each new batch replaces the oldest. Sampling is uniform over what is held."""
+
+    def __init__(self, capacity: int):
+        if capacity <= 0:
+            raise ValueError("pool capacity must be positive")
+        self.capacity = int(capacity)
+        self.images: torch.Tensor | None = None
+        self.cursor = 0  # next slot to overwrite once full
+        self.count = 0
+
+    def __len__(self) -> int:
+        return self.count
+
+    def add(self, images: torch.Tensor) -> None:
+        images = images.detach()
+        if images.shape[0] > self.capacity:
+            images = images[-self.capacity :]
+        if self.images is None:
+            self.images = torch.empty((self.capacity, *images.shape[1:]), dtype=images.dtype, device=images.device)
+        n = images.shape[0]
+        end = self.cursor + n
+        if end <= self.capacity:
+            self.images[self.cursor : end] = images
+        else:
+            first = self.capacity - self.cursor
+            self.images[self.cursor :] = images[:first]
+            self.images[: n - first] = images[first:]
+        self.cursor = end % self.capacity
+        self.count = min(self.capacity, self.count + n)
+
+    def sample(self, batch_size: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        if self.count == 0:
+            raise RuntimeError("the image pool is empty: synthesize before sampling")
+        idx = torch.randint(0, self.count, (batch_size,), generator=generator).to(self.images.device)
+        return self.images[idx]
+
+    def state_dict(self) -> dict:
+        held = None if self.images is None else self.images[: self.count].cpu().clone()
+        return {"capacity": self.capacity, "cursor": self.cursor, "count": self.count, "images": held}
+
+    def load_state_dict(self, state: dict, device=None) -> None:
+        self.capacity, self.cursor, self.count = int(state["capacity"]), int(state["cursor"]), int(state["count"])
+        self.images = None
+        if state["images"] is not None and self.count:
+            held = state["images"].to(device) if device is not None else state["images"]
+            self.images = torch.empty((self.capacity, *held.shape[1:]), dtype=held.dtype, device=held.device)
+            self.images[: self.count] = held
+
+
+class Synthesizer:
+    """Base class of every data-free method. Subclasses set ``defaults`` (the paper's
+    hyperparameters) and implement :meth:`synthesize` and :meth:`sample`.
+
+    Common options (every method accepts them):
+
+    - ``batch_size``: images per student step;
+    - ``temperature``: KD temperature of the student loss;
+    - ``student_optimizer`` (``"adam"``/``"sgd"``), ``student_lr``, ``student_weight_decay``,
+      ``student_momentum``, ``student_schedule`` (``"cosine"``/``"constant"``/``"step"``) —
+      read by the engine to build the student's optimiser;
+    - ``student_steps_per_round``: student steps per synthesis round.
+    """
+
+    name = "base"
+    common_defaults: dict = {
+        "batch_size": 256,
+        "temperature": 1.0,
+        "student_optimizer": "adam",
+        "student_lr": 1e-3,
+        "student_weight_decay": 0.0,
+        "student_momentum": 0.9,
+        "student_schedule": "cosine",
+        "student_steps_per_round": 1,
+    }
+    defaults: dict = {}
+
+    def __init__(self, teacher: nn.Module, image_shape, num_classes: int, device="cpu", seed: int = 0, **options):
+        self.teacher = teacher
+        self.image_shape = tuple(int(v) for v in image_shape)
+        self.num_classes = int(num_classes)
+        self.device = torch.device(device)
+        self.options = self.resolve_options(options)
+        self.batch_size = int(self.options["batch_size"])
+        self.temperature = float(self.options["temperature"])
+        self.student_steps_per_round = int(self.options["student_steps_per_round"])
+        self.rng = torch.Generator().manual_seed(int(seed))
+        self.images_synthesized = 0
+
+    # -- options ---------------------------------------------------------------------------
+    @classmethod
+    def all_defaults(cls) -> dict:
+        merged = dict(cls.common_defaults)
+        merged.update(cls.defaults)
+        return merged
+
+    @classmethod
+    def resolve_options(cls, options: dict) -> dict:
+        merged = cls.all_defaults()
+        unknown = sorted(set(options) - set(merged))
+        if unknown:
+            raise SynthesizerOptionError(
+                f"method {cls.name!r} does not accept option(s) {', '.join(unknown)}; "
+                f"accepted: {', '.join(sorted(merged))}"
+            )
+        for key, value in options.items():
+            default = merged[key]
+            if value is None:
+                continue
+            if isinstance(default, bool) and not isinstance(value, bool):
+                raise SynthesizerOptionError(f"option {key!r} of {cls.name!r} must be true/false, got {value!r}")
+            if isinstance(default, (int, float)) and not isinstance(default, bool):
+                if isinstance(value, bool) or not isinstance(value, (int, float)):
+                    raise SynthesizerOptionError(f"option {key!r} of {cls.name!r} must be a number, got {value!r}")
+                value = type(default)(value) if isinstance(default, float) or float(value).is_integer() else value
+            merged[key] = value
+        return merged
+
+    # -- helpers ---------------------------------------------------------------------------
+    def autocast(self):
+        """bf16 autocast on CUDA, nothing elsewhere."""
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def teacher_logits(self, images: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad(), self.autocast():
+            return self.teacher(images).float()
+
+    # -- the interface ---------------------------------------------------------------------
+    def attach_student(self, student: nn.Module) -> None:
+        """Called once by the engine with the student (methods that tap its features use it)."""
+
+    def synthesize(self, student: nn.Module) -> dict[str, torch.Tensor]:
+        """One synthesis round; returns named, detached loss terms (tensors, no sync)."""
+        raise NotImplementedError("abstract: subclasses implement synthesize()")
+
+    def sample(self) -> SyntheticBatch:
+        """Images (and, when known, teacher logits) for one student step."""
+        raise NotImplementedError("abstract: subclasses implement sample()")
+
+    def student_losses(self, student: nn.Module, batch: SyntheticBatch) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+        """Named student losses on ``batch``, plus student and teacher logits.
+
+        Default: ``{"kd": T^2 KL(p_T^T || p_S^T)}`` (:func:`dfkd.losses.kd_loss`)."""
+        teacher_logits = batch.teacher_logits if batch.teacher_logits is not None else self.teacher_logits(batch.images)
+        with self.autocast():
+            student_logits = student(batch.images).float()
+        return {"kd": kd_loss(student_logits, teacher_logits, self.temperature)}, student_logits, teacher_logits
+
+    def state_dict(self) -> dict:
+        return {"rng": self.rng.get_state(), "images_synthesized": self.images_synthesized}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rng.set_state(state["rng"])
+        self.images_synthesized = int(state["images_synthesized"])
+
+    def describe(self) -> dict:
+        return {"method": self.name, **self.options}
+
+
+def cosine_factor(step: int, total: int) -> float:
+    """Cosine annealing factor ``0.5 (1 + cos(pi * step / total))``."""
+    return 0.5 * (1.0 + math.cos(math.pi * min(step, total) / max(total, 1)))

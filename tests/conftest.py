@@ -1,0 +1,35 @@
+"""Shared fixtures: tiny teachers and data, small enough for 2 CPU cores."""
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("MPLBACKEND", "Agg")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: end-to-end runs that take more than a few seconds")
+
+
+@pytest.fixture
+def bn_teacher():
+    """A frozen, randomly initialised lenet5_bn teacher for 10 classes of 1x32x32 images,
+    with non-trivial BatchNorm running statistics."""
+    from teachers import build_model, freeze
+
+    torch.manual_seed(0)
+    model = build_model("lenet5_bn", 10, 1, 32, (0.3,), (0.35,))
+    model.train()
+    with torch.no_grad():
+        for _ in range(3):
+            model(torch.rand(64, 1, 32, 32))
+    return freeze(model)
+
+
+@pytest.fixture
+def student():
+    from teachers import build_model
+
+    torch.manual_seed(1)
+    return build_model("lenet5_half", 10, 1, 32, (0.3,), (0.35,))

@@ -1,0 +1,152 @@
+"""Each synthesizer: registry, options, one step lowers its own objective, modes, state."""
+import pytest
+import torch
+
+from generators import SynthesizerOptionError, UnknownSynthesizerError, create_synthesizer, list_synthesizers
+from generators.base import ImagePool, augment_batch
+
+SHAPE = (1, 32, 32)
+
+
+def make(name, teacher, **kw):
+    return create_synthesizer(name, teacher, image_shape=SHAPE, num_classes=10, device="cpu", seed=0, **kw)
+
+
+def test_registry_lists_methods_and_rejects_unknown():
+    assert {"dafl", "deepinversion", "zskt", "dfad"} <= set(list_synthesizers())
+    with pytest.raises(UnknownSynthesizerError, match="dafl"):
+        make("nope", None)
+
+
+def test_unknown_option_lists_accepted(bn_teacher):
+    with pytest.raises(SynthesizerOptionError, match="accepted: .*generator_lr"):
+        make("dafl", bn_teacher, not_an_option=1)
+    with pytest.raises(SynthesizerOptionError, match="number"):
+        make("dafl", bn_teacher, generator_lr="fast")
+
+
+def test_dafl_generator_step_lowers_its_objective(bn_teacher, student):
+    torch.manual_seed(0)
+    synth = make("dafl", bn_teacher, batch_size=64, ngf=8, generator_lr=0.05)
+    o = synth.options
+
+    def objective():
+        torch.manual_seed(123)
+        z = torch.randn(64, o["nz"])
+        synth.generator.train()
+        with torch.no_grad():
+            images = synth.generator(z)
+            terms, _ = synth.generator_losses(images)
+        return (o["one_hot_weight"] * terms["one_hot"] + o["activation_weight"] * terms["activation"]
+                + o["information_entropy_weight"] * terms["information_entropy"]).item()
+
+    before = objective()
+    for _ in range(5):
+        synth.synthesize(student)
+    assert objective() < before
+    batch = synth.sample()
+    assert batch.images.shape == (64, *SHAPE)
+    assert 0 <= batch.images.min() and batch.images.max() <= 1
+    assert batch.teacher_logits.shape == (64, 10)
+
+
+def test_deepinversion_inversion_lowers_objective_and_fills_pool(bn_teacher, student):
+    synth = make("deepinversion", bn_teacher, synthesis_batch_size=20, iterations=30, lr=0.1, pool_size=50, batch_size=8)
+    torch.manual_seed(0)
+    targets = torch.arange(20) % 10
+    v0 = torch.randn(20, *SHAPE)
+    start = synth.weighted_total(synth.objective(v0.clone(), targets, None)).item()
+    synth.synthesize(student)
+    assert len(synth.pool) == 20
+    images = synth.pool.images[:20]
+    v_end = (images - synth.pixel_mean) / synth.pixel_std
+    # the optimised batch scores better than noise on the same targets (the ones it was optimised for)
+    end = synth.weighted_total(synth.objective(v_end, synth.last_targets, None)).item()
+    assert end < start
+    assert images.min() >= 0 and images.max() <= 1
+    assert synth.sample().images.shape == (8, *SHAPE)
+    # the class term alone also fell: the teacher is more sure of the targets than on noise
+    ce_end = synth.objective(v_end, synth.last_targets, None)["ce"].item()
+    assert ce_end < synth.objective(v0.clone(), synth.last_targets, None)["ce"].item()
+
+
+def test_deepinversion_refuses_teacher_without_batchnorm(student):
+    from teachers import build_model, freeze
+
+    plain = freeze(build_model("lenet5", 10, 1, 32, (0.3,), (0.35,)))
+    with pytest.raises(SynthesizerOptionError, match="bn_weight=0"):
+        make("deepinversion", plain)
+    make("deepinversion", plain, bn_weight=0.0)  # explicit opt-out works
+
+
+def test_adi_competition_term_uses_student(bn_teacher, student):
+    synth = make("deepinversion", bn_teacher, adi=True, synthesis_batch_size=8, iterations=2)
+    terms = synth.objective(torch.randn(8, *SHAPE), torch.arange(8), student)
+    assert "adi" in terms and 0.0 <= terms["adi"].item() <= 1.0
+    was = student.training
+    synth.synthesize(student)
+    assert student.training == was
+    assert all(p.requires_grad for p in student.parameters())
+
+
+@pytest.mark.parametrize("name", ["zskt", "dfad"])
+def test_adversarial_generator_step_raises_discrepancy(name, bn_teacher, student):
+    synth = make(name, bn_teacher, batch_size=64, ngf=8, generator_lr=0.01)
+    synth.attach_student(student)
+
+    def gap():
+        torch.manual_seed(7)
+        synth.generator.train()
+        with torch.no_grad():
+            x = synth.generate(64)
+            return synth.discrepancy(student(x), bn_teacher(x)).item()
+
+    before = gap()
+    for _ in range(5):
+        synth.synthesize(student)
+    assert gap() > before
+    losses, s_logits, t_logits = synth.student_losses(student, synth.sample())
+    assert s_logits.shape == t_logits.shape == (64, 10)
+    total = sum(losses.values())
+    total.backward()
+    assert all(p.grad is not None for p in student.parameters())
+    assert not any(p.requires_grad for p in bn_teacher.parameters())
+    if name == "zskt":
+        assert "attention" in losses and losses["attention"].item() > 0
+
+
+def test_teacher_stays_in_eval_mode_when_student_trains(bn_teacher, student):
+    holder = torch.nn.ModuleDict({"teacher": bn_teacher, "student": student})
+    holder.train()
+    assert not bn_teacher.training and student.training
+
+
+def test_image_pool_fifo_and_state_round_trip():
+    pool = ImagePool(5)
+    pool.add(torch.zeros(3, 1, 2, 2))
+    pool.add(torch.ones(4, 1, 2, 2))  # wraps: the two oldest zeros are replaced
+    assert len(pool) == 5
+    assert pool.images.sum().item() == 4 * 4
+    other = ImagePool(1)
+    other.load_state_dict(pool.state_dict())
+    assert torch.equal(other.images, pool.images) and other.cursor == pool.cursor
+
+
+def test_augment_batch_keeps_shape_and_range():
+    x = torch.rand(6, 1, 8, 8)
+    y = augment_batch(x, pad=2, flip=True)
+    assert y.shape == x.shape and y.min() >= 0 and y.max() <= 1
+    assert not torch.equal(x, y)
+
+
+@pytest.mark.parametrize("name", ["dafl", "deepinversion", "zskt", "dfad"])
+def test_state_dict_round_trip(name, bn_teacher, student):
+    kw = {"ngf": 8, "batch_size": 16} if name != "deepinversion" else {"iterations": 2, "synthesis_batch_size": 8, "batch_size": 4}
+    a = make(name, bn_teacher, **kw)
+    a.attach_student(student)
+    a.synthesize(student)
+    state = a.state_dict()
+    b = make(name, bn_teacher, **kw)
+    b.load_state_dict(state)
+    assert b.images_synthesized == a.images_synthesized
+    assert torch.equal(b.rng.get_state(), a.rng.get_state())
