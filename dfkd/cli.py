@@ -233,18 +233,6 @@ def run_distillation(cfg: dict, args, resume: bool = False, teacher_override=Non
     return summary
 
 
-def _collect_samples(synth, n: int):
-    import torch
-
-    images, got = [], 0
-    with torch.no_grad():
-        while got < n:
-            batch = synth.sample().images.detach()
-            images.append(batch)
-            got += batch.shape[0]
-    return torch.cat(images)[:n].cpu()
-
-
 def _analyze(out: Path, teacher, student, synth, eval_data, meta, device, n_samples: int) -> dict:
     """Plots and sample-quality metrics after a run (never fails the run)."""
     import torch
@@ -253,7 +241,7 @@ def _analyze(out: Path, teacher, student, synth, eval_data, meta, device, n_samp
         from dfkd.analysis import analyze_run
     except ImportError:  # pragma: no cover - analysis module missing
         return {}
-    samples = _collect_samples(synth, n_samples)
+    samples = synth.preview(n_samples).cpu()
     torch.save(samples, out / "samples.pt")
     try:
         result = analyze_run(out, teacher, student, samples,

@@ -255,6 +255,16 @@ class Synthesizer:
         """Images (and, when known, teacher logits) for one student step."""
         raise NotImplementedError("abstract: subclasses implement sample()")
 
+    def preview(self, n: int) -> torch.Tensor:
+        """``n`` synthesized images for plots and quality metrics (no training)."""
+        images, got = [], 0
+        with torch.no_grad():
+            while got < n:
+                batch = self.sample().images.detach()
+                images.append(batch)
+                got += batch.shape[0]
+        return torch.cat(images)[:n]
+
     def student_losses(self, student: nn.Module, batch: SyntheticBatch) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
         """Named student losses on ``batch``, plus student and teacher logits.
 

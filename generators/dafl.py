@@ -79,7 +79,16 @@ class DAFL(Synthesizer):
         return {f"gen_{k}": v.detach() for k, v in terms.items()}
 
     def sample(self):
+        if self._batch is None:  # e.g. right after a resume: a fresh batch, no generator update
+            with torch.no_grad():
+                images = self.generator(torch.randn(self.batch_size, self.options["nz"], generator=self.rng).to(self.device))
+            self._batch = SyntheticBatch(images, self.teacher_logits(images))
         return self._batch
+
+    def preview(self, n):
+        with torch.no_grad():
+            z = torch.randn(n, self.options["nz"], generator=self.rng).to(self.device)
+            return torch.cat([self.generator(chunk) for chunk in z.split(self.batch_size)])
 
     def state_dict(self):
         state = super().state_dict()

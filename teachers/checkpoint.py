@@ -272,6 +272,13 @@ def save_checkpoint(path: str | os.PathLike, model: NormalizedModel, meta: Mappi
     n_out = model.arch_kwargs.get("num_classes")
     if n_out is not None and n_out != len(meta["classes"]):
         raise CheckpointError(f"{path}: the model has {n_out} outputs but meta lists {len(meta['classes'])} classes")
+    for key in ("mean", "std"):
+        buf = getattr(model, key).detach().cpu().flatten()
+        stated = torch.as_tensor(meta[key], dtype=torch.float32).flatten()
+        if stated.numel() not in (1, buf.numel()) or not torch.allclose(stated.expand_as(buf), buf, atol=1e-6):
+            raise CheckpointError(
+                f"{path}: meta {key} {meta[key]} differs from the model's normalisation {buf.tolist()}"
+            )
     payload = {
         "format": CHECKPOINT_FORMAT,
         "arch": model.arch,

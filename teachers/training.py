@@ -24,6 +24,7 @@ _OPTIMIZERS = {
     "sgd": {"optimizer": "sgd", "lr": 0.05, "momentum": 0.9, "nesterov": True, "weight_decay": 5e-4},
 }
 _AUGMENTS = ("crop", "crop_flip", "none")
+_PAD = 2  # zero padding of the random crop
 
 
 def default_recipe(arch: str | None) -> dict:
@@ -237,7 +238,7 @@ def train_classifier(
         t0 = time.perf_counter()
         model.train()
         perm = torch.randperm(n, generator=gen).to(dev)
-        offsets = torch.randint(0, 5, (n, 2), generator=gen).to(dev)
+        offsets = torch.randint(0, 2 * _PAD + 1, (n, 2), generator=gen).to(dev)
         flips = (torch.rand(n, generator=gen) < 0.5).to(dev) if augment == "crop_flip" else None
         loss_sum = torch.zeros((), device=dev)
         correct = torch.zeros((), device=dev, dtype=torch.long)
@@ -246,7 +247,7 @@ def train_classifier(
             idx = perm[sl]
             xb, yb = xs[idx], ys[idx]
             if augment != "none":
-                xb = random_crop_flip(xb, offsets[sl], None if flips is None else flips[sl], pad=2)
+                xb = random_crop_flip(xb, offsets[sl], None if flips is None else flips[sl], pad=_PAD)
             xb = xb.contiguous(memory_format=torch.channels_last) if cuda else xb.contiguous()
             with _autocast(dev):
                 logits = model(xb)

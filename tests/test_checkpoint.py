@@ -87,6 +87,8 @@ def test_missing_meta_keys(tmp_path):
         save_checkpoint(tmp_path / "t.pt", _model(), _meta(test_accuracy=75.0))
     with pytest.raises(CheckpointError, match="4 outputs"):
         save_checkpoint(tmp_path / "t.pt", _model(), _meta(classes=[0, 1], class_names=["a", "b"]))
+    with pytest.raises(CheckpointError, match="meta mean .* differs"):
+        save_checkpoint(tmp_path / "t.pt", _model(), _meta(mean=[0.3]))
     assert not (tmp_path / "t.pt").exists()
 
 

@@ -157,3 +157,11 @@ def test_freeze_plain_module():
     parent.train()
     assert not net.training and not net.bn1.training
     assert not any(p.requires_grad for p in net.parameters())
+
+
+def test_tv_resnet_small_image_stem():
+    net = create_model("tv:resnet18", num_classes=3, in_channels=1, image_size=32)
+    assert (net.conv1.in_channels, net.conv1.kernel_size, net.conv1.stride) == (1, (3, 3), (1, 1))
+    assert isinstance(net.maxpool, nn.Identity)
+    assert net.head_path == "fc" and net.fc.out_features == 3
+    assert net.block_paths == ("layer1", "layer2", "layer3", "layer4")

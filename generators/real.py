@@ -1,0 +1,60 @@
+"""Real images: the upper bound a data-free method is compared against.
+
+``create_synthesizer("real", teacher, images=X, ...)`` samples random batches of the given
+real, *unlabeled* images (``N x C x H x W`` in ``[0,1]``, e.g. the training split of the
+teachers' data set with its labels thrown away), augmented per sample with a random crop
+(2 px zero padding) and horizontal flip (:func:`generators.base.augment_batch`). Nothing is
+synthesized: ``synthesize`` returns ``{}``. The student learns from the teacher's outputs on
+those images with the default KD loss, so the gap between a data-free method and ``real``
+is the price of not having the data.
+"""
+from __future__ import annotations
+
+import torch
+
+from generators.base import Synthesizer, SynthesizerOptionError, SyntheticBatch, augment_batch, register_synthesizer
+
+
+@register_synthesizer("real")
+class RealImages(Synthesizer):
+    """Random (augmented) batches of real unlabeled images; see the module docstring.
+
+    Options: ``augment`` (crop + flip, default true), ``flip`` (the flip part; set false for
+    digits-like data where mirrored images are not in the distribution), and the common
+    student options (Adam, lr 1e-3, cosine schedule by default). The images are moved to
+    ``device`` once; ``images_synthesized`` stays 0.
+    """
+
+    defaults = {
+        "batch_size": 128,
+        "augment": True,
+        "flip": False,
+        "student_optimizer": "adam",
+        "student_lr": 1e-3,
+        "student_schedule": "cosine",
+        "student_steps_per_round": 1,
+    }
+
+    def __init__(self, teacher, image_shape, num_classes, device="cpu", seed=0, images=None, **options):
+        super().__init__(teacher, image_shape, num_classes, device, seed, **options)
+        if images is None:
+            raise SynthesizerOptionError("method 'real' needs the real images: create_synthesizer('real', ..., images=X)")
+        images = torch.as_tensor(images)
+        if images.dim() != 4 or tuple(images.shape[1:]) != self.image_shape or images.shape[0] == 0:
+            raise SynthesizerOptionError(
+                f"method 'real': images must be a non-empty N x {' x '.join(map(str, self.image_shape))} tensor, "
+                f"got {tuple(images.shape)}"
+            )
+        if not images.is_floating_point() or float(images.min()) < 0 or float(images.max()) > 1:
+            raise SynthesizerOptionError("method 'real': images must be floats in [0, 1]")
+        self.images = images.to(self.device)
+
+    def synthesize(self, student):
+        return {}
+
+    def sample(self):
+        idx = torch.randint(0, self.images.shape[0], (self.batch_size,), generator=self.rng).to(self.device)
+        images = self.images[idx]
+        if self.options["augment"]:
+            images = augment_batch(images, flip=self.options["flip"])
+        return SyntheticBatch(images)

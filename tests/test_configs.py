@@ -1,0 +1,34 @@
+"""Every recipe in configs/ is accepted by the command line and by its method."""
+from pathlib import Path
+
+import pytest
+
+from dfkd.cli import DISTILL_DEFAULTS
+from dfkd.config import ConfigError, load_yaml, merge_config, parse_overrides
+from generators import synthesizer_class
+
+RECIPES = sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml"))
+
+
+def test_there_are_recipes_for_each_dataset_and_method():
+    names = {(p.parent.name, p.stem) for p in RECIPES}
+    for dataset in ("digits", "fashion-mnist", "mnist", "cifar10", "cifar100"):
+        for method in ("dafl", "deepinversion", "zskt", "dfad"):
+            assert (dataset, method) in names
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_recipe_validates(path):
+    cfg = merge_config(DISTILL_DEFAULTS, load_yaml(path))
+    synthesizer_class(cfg["method"]).resolve_options(cfg["options"])
+
+
+def test_overrides_parse_types_and_nesting():
+    assert parse_overrides(["steps=10", "options.lr=1e-3", "no_eval=true", "method=dfad"]) == {
+        "steps": 10, "options": {"lr": 0.001}, "no_eval": True, "method": "dfad"}
+    with pytest.raises(ConfigError, match="key=value"):
+        parse_overrides(["steps"])
+    with pytest.raises(ConfigError, match="unknown config key 'nope'.*steps"):
+        merge_config(DISTILL_DEFAULTS, {"nope": 1})
+    with pytest.raises(ConfigError, match="must be an integer"):
+        merge_config(DISTILL_DEFAULTS, {"steps": 1.5})

@@ -1,0 +1,97 @@
+"""The distillation engine: resume equivalence, non-finite losses, run directory contents."""
+import json
+
+import pytest
+import torch
+
+from dfkd.engine import DistillationError, DistillationRun, EvalData, RunOptions, learning_rate_factor
+from generators import create_synthesizer
+from teachers import build_model, freeze
+
+
+def make_run(run_dir, steps=12, checkpoint_every=4, seed=0, method="dafl"):
+    torch.manual_seed(seed)
+    teacher = build_model("lenet5_bn", 10, 1, 32, (0.3,), (0.35,))
+    teacher.train()
+    with torch.no_grad():
+        teacher(torch.rand(32, 1, 32, 32))
+    teacher = freeze(teacher)
+    student = build_model("lenet5_half", 10, 1, 32, (0.3,), (0.35,))
+    synth = create_synthesizer(method, teacher, image_shape=(1, 32, 32), num_classes=10, seed=seed, batch_size=16, ngf=8)
+    eval_data = EvalData(torch.rand(40, 1, 32, 32), torch.randint(0, 10, (40,)))
+    meta = {"dataset": "digits", "classes": list(range(10)), "class_names": [str(i) for i in range(10)],
+            "mean": [0.3], "std": [0.35], "image_shape": [1, 32, 32], "seed": seed}
+    return DistillationRun(teacher, student, synth, run_dir, RunOptions(steps=steps, eval_every=6, log_every=3,
+                           checkpoint_every=checkpoint_every, progress=False), eval_data=eval_data, student_meta=meta)
+
+
+@pytest.mark.parametrize("method", ["dafl", "dfad"])
+def test_resume_gives_the_same_result_as_an_uninterrupted_run(tmp_path, method):
+    full = make_run(tmp_path / "full", method=method)
+    full.run()
+
+    killed = make_run(tmp_path / "killed", method=method)
+    original = killed.synth.synthesize
+    calls = {"n": 0}
+
+    def dying(student):
+        calls["n"] += 1
+        if killed.step >= 7:
+            raise KeyboardInterrupt
+        return original(student)
+
+    killed.synth.synthesize = dying
+    with pytest.raises(KeyboardInterrupt):
+        killed.run()
+    assert not (tmp_path / "killed" / "summary.json").exists()
+
+    resumed = make_run(tmp_path / "killed", method=method)
+    resumed.load_state()
+    assert 0 < resumed.step < 12
+    summary = resumed.run()
+    for a, b in zip(full.student.state_dict().values(), resumed.student.state_dict().values()):
+        assert torch.equal(a, b)
+    assert summary["steps"] == 12
+    assert json.loads((tmp_path / "full" / "summary.json").read_text())["student_accuracy"] == summary["student_accuracy"]
+
+
+def test_run_directory_contents(tmp_path):
+    summary = make_run(tmp_path / "run").run()
+    for name in ("metrics.csv", "summary.json", "student.pt", "synthesizer.pt", "state.pt"):
+        assert (tmp_path / "run" / name).exists(), name
+    for key in ("method", "student_accuracy", "teacher_accuracy", "agreement", "steps", "wall_seconds", "images_synthesized"):
+        assert key in summary
+    rows = (tmp_path / "run" / "metrics.csv").read_text().splitlines()
+    assert rows[0].startswith("step,seconds") and "student_accuracy" in rows[0] and "agreement" in rows[0]
+    assert len(rows) == 1 + 2  # evaluations at steps 6 and 12
+    from teachers import load_checkpoint
+
+    student, meta = load_checkpoint(tmp_path / "run" / "student.pt")
+    assert meta["test_accuracy"] == summary["student_accuracy"]
+
+
+def test_non_finite_loss_stops_with_term_and_step_and_keeps_last_good_state(tmp_path):
+    run = make_run(tmp_path / "nan", steps=12, checkpoint_every=3)
+    original = run.synth.student_losses
+
+    def poisoned(student, batch):
+        losses, s, t = original(student, batch)
+        if run.step >= 4:
+            losses["kd"] = losses["kd"] * float("nan")
+        return losses, s, t
+
+    run.synth.student_losses = poisoned
+    with pytest.raises(DistillationError, match=r"'kd'.*steps 3 and 6"):
+        run.run()
+    state = torch.load(tmp_path / "nan" / "state.pt", weights_only=True)
+    assert state["step"] == 3
+    assert all(torch.isfinite(v).all() for v in state["student"].values() if v.is_floating_point())
+
+
+def test_learning_rate_schedules():
+    assert learning_rate_factor("cosine", 0, 10) == 1.0
+    assert abs(learning_rate_factor("cosine", 5, 10) - 0.5) < 1e-9
+    assert learning_rate_factor("step", 6, 10) == pytest.approx(0.1)
+    assert learning_rate_factor("constant", 9, 10) == 1.0
+    with pytest.raises(ValueError, match="cosine"):
+        learning_rate_factor("linear", 1, 10)
