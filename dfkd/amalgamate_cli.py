@@ -44,18 +44,20 @@ _OWN_FLAGS = ("zoo", "combine", "features", "layers", "feature_weight", "student
 
 def add_amalgamate_parser(sub, common, formatter) -> None:
     """Add the ``amalgamate`` subcommand to the ``dfkd`` parser."""
-    from dfkd.amalgamation import FEATURE_METHODS
-    from dfkd.combine import list_combiners
-
     p = sub.add_parser("amalgamate", help="distill a teacher zoo (ensemble / knowledge amalgamation) into one student",
-                       formatter_class=formatter, description=__doc__.split("::")[0].strip())
+                       formatter_class=formatter,
+                       description="Distill a whole teacher zoo into one student over the union of its classes: the "
+                                   "teachers become one ensemble that drives the synthesizer; the student learns the "
+                                   "merged logits (--combine) and optionally their features (--features, --layers). "
+                                   "Writes the run directory of dfkd distill, with per-teacher accuracy in summary.json.")
     p.add_argument("--zoo", help="zoo manifest (zoo.yaml, see dfkd zoo build)")
     p.add_argument("--student", help="student architecture (default lenet5_half)")
     p.add_argument("--method", help="dafl, deepinversion, zskt, dfad, real (default dafl)")
-    p.add_argument("--combine", help=f"logit combiner: {', '.join(list_combiners())} (default mean_prob)")
+    p.add_argument("--combine", help="logit combiner: mean_prob, mean_logits, weighted, entropy_weighted, least_ambiguous, "
+                                     "noisy, pate, concat, uhc (dfkd.combine.list_combiners(); default mean_prob)")
     p.add_argument("--combine-opt", action="append", default=[], metavar="KEY=VALUE",
                    help="combiner option, repeatable (e.g. tau=0.5, weights=[1,2], sigma=0.1, epsilon=1)")
-    p.add_argument("--features", choices=FEATURE_METHODS, help="feature amalgamation (default: none)")
+    p.add_argument("--features", help="feature amalgamation: cfl, layerwise_ae, hint or attention (default: none)")
     p.add_argument("--layers", help="layer pairs student_path:member.path,... (default: last blocks)")
     p.add_argument("--feature-weight", type=float, help="weight of the feature terms (default 1)")
     p.add_argument("--student-loss", choices=["combiner", "method"],

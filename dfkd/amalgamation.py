@@ -413,7 +413,8 @@ class AmalgamationSynthesizer:
             raise AmalgamationError(f"unknown feature method {features!r}; known: {', '.join(FEATURE_METHODS)}")
         self.inner, self.ensemble = inner, ensemble
         self.combiner = combine if isinstance(combine, Combiner) else create_combiner(combine, **dict(combine_options or {}))
-        self.combiner.train()
+        self.combiner.check_mask(ensemble.mask.cpu())
+        self.combiner.to(inner.device).train()
         self.features_method, self.layers = features, layers
         self.feature_options = dict(feature_options or {})
         self.feature_weight = float(feature_weight)

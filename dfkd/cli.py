@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -199,8 +200,13 @@ def run_distillation(cfg: dict, args, resume: bool = False, teacher_override=Non
     options = dict(cfg["options"])
     if cfg["batch_size"]:
         options["batch_size"] = cfg["batch_size"]
+    if cfg["method"] == "real":  # the upper bound: KD on the real, unlabeled train images
+        train = load_dataset(cfg["eval_dataset"] or meta["dataset"], "train", root=cfg["data_root"],
+                             download=cfg["download"], classes=classes, image_size=height)
+        options["images"] = train.images
     synth = create_synthesizer(cfg["method"], teacher, image_shape=meta["image_shape"], num_classes=len(classes),
                                device=device, seed=cfg["seed"], **options)
+    options.pop("images", None)
     cfg = dict(cfg, options=dict(synth.options))  # resolved: every method option with its value
     write_yaml(out / "config.yaml", cfg)
 
@@ -552,12 +558,14 @@ def main(argv=None) -> int:
         print("interrupted; resume with --resume RUN_DIR", file=sys.stderr)
         return 130
     except ValueError as exc:  # the package's own user-facing errors derive from ValueError
+        if os.environ.get("DFKD_DEBUG"):
+            raise
         print(f"dfkd {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except RuntimeError as exc:
         from dfkd.engine import DistillationError
 
-        if isinstance(exc, DistillationError):
+        if isinstance(exc, DistillationError) and not os.environ.get("DFKD_DEBUG"):
             print(f"dfkd {args.command}: error: {exc}", file=sys.stderr)
             return 3
         raise

@@ -40,6 +40,7 @@ __all__ = [
     "list_combiners",
     "combiner_class",
     "masked_softmax",
+    "check_mask",
     "teacher_probabilities",
     "teacher_entropies",
     "uhc_loss",
@@ -90,14 +91,22 @@ def create_combiner(name: str, **options) -> "Combiner":
 
 # ----------------------------------------------------------------------------- helpers
 def _check(logits: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Shapes are always checked; the mask's *content* only when it lives on the CPU (a
+    check of a GPU mask would synchronise with the host on every step; the ensemble checks
+    its mask once, on the CPU, when it is built)."""
     if logits.dim() != 3:
         raise ValueError(f"combiners take logits of shape (teachers, batch, classes), got {tuple(logits.shape)}")
-    mask = mask.to(device=logits.device, dtype=torch.bool)
     if mask.shape != (logits.shape[0], logits.shape[2]):
         raise ValueError(f"mask must be (teachers, classes) = {(logits.shape[0], logits.shape[2])}, got {tuple(mask.shape)}")
-    if not bool(mask.any(dim=1).all()):
+    if mask.device.type == "cpu":
+        check_mask(mask)
+    return logits.float(), mask.to(device=logits.device, dtype=torch.bool)
+
+
+def check_mask(mask: torch.Tensor) -> None:
+    """Every teacher must know at least one class."""
+    if not bool(mask.bool().any(dim=1).all()):
         raise ValueError("every teacher must know at least one class (a row of the mask is all false)")
-    return logits.float(), mask
 
 
 def masked_softmax(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -155,6 +164,11 @@ class Combiner(nn.Module):
 
     def forward(self, logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError
+
+    def check_mask(self, mask: torch.Tensor) -> None:
+        """Raise ``ValueError`` if this combiner cannot merge teachers with these class sets
+        (called once by the ensemble when it is built)."""
+        check_mask(mask)
 
     def loss(self, student_logits: torch.Tensor, logits: torch.Tensor, mask: torch.Tensor,
              temperature: float = 1.0, merged: torch.Tensor | None = None) -> torch.Tensor:
@@ -219,6 +233,13 @@ class Weighted(Combiner):
         self.weights = None if weights is None else [float(w) for w in weights]
         if self.weights is not None and (any(w < 0 for w in self.weights) or sum(self.weights) <= 0):
             raise ValueError(f"weighted: weights must be non-negative with a positive sum, got {self.weights}")
+        w = torch.tensor(self.weights or [], dtype=torch.float32)
+        self.register_buffer("normalized_weights", w / w.sum() if self.weights else w, persistent=False)
+
+    def check_mask(self, mask):
+        super().check_mask(mask)
+        if self.weights is not None and len(self.weights) != mask.shape[0]:
+            raise ValueError(f"weighted: {len(self.weights)} weights given for {mask.shape[0]} teachers")
 
     def describe(self):
         return {"weights": self.weights}
@@ -231,8 +252,7 @@ class Weighted(Combiner):
         else:
             if len(self.weights) != n:
                 raise ValueError(f"weighted: {len(self.weights)} weights given for {n} teachers")
-            w = torch.tensor(self.weights, device=logits.device)
-            w = w / w.sum()
+            w = self.normalized_weights.to(logits.device)
         return _log(_mixture(masked_softmax(logits, mask), w))
 
 
@@ -321,9 +341,9 @@ class Noisy(Combiner):
         return {"sigma": self.sigma, "p": self.p, "additive": self.additive, "base": self.base_name}
 
     def perturb(self, logits: torch.Tensor) -> torch.Tensor:
-        xi = torch.randn(logits.shape).to(logits.device) * self.sigma
+        xi = torch.randn(logits.shape, device=logits.device) * self.sigma
         if self.p < 1.0:
-            xi = xi * (torch.rand(1, logits.shape[1], 1) < self.p).to(logits.device)
+            xi = xi * (torch.rand(1, logits.shape[1], 1, device=logits.device) < self.p)
         return logits + xi if self.additive else logits * (1.0 + xi)
 
     def forward(self, logits, mask):
@@ -364,7 +384,8 @@ class PATE(Combiner):
         logits, mask = _check(logits, mask)
         counts = self.votes(logits, mask)
         if self.training:
-            noise = torch.distributions.Laplace(0.0, 1.0 / self.epsilon).sample(counts.shape).to(counts.device)
+            zero = counts.new_zeros(())
+            noise = torch.distributions.Laplace(zero, zero + 1.0 / self.epsilon).sample(counts.shape)
             score = counts + noise
         else:
             score = counts + 1e-3 * masked_softmax(logits, mask).mean(dim=0)
@@ -382,13 +403,18 @@ class Concat(Combiner):
     Overlapping class sets are an error (use ``mean_logits`` or the UHC loss).
     """
 
-    def forward(self, logits, mask):
-        logits, mask = _check(logits, mask)
-        owners = mask.sum(dim=0)
+    def check_mask(self, mask):
+        super().check_mask(mask)
+        owners = mask.bool().sum(dim=0)
         if bool((owners > 1).any()):
             shared = torch.nonzero(owners > 1).flatten().tolist()
             raise ValueError(f"concat needs disjoint class sets, but union classes {shared} are known by several "
                              "teachers; use mean_logits, entropy_weighted or uhc")
+
+    def forward(self, logits, mask):
+        if mask.device.type == "cpu":
+            self.check_mask(mask)
+        logits, mask = _check(logits, mask)
         return (logits * mask[:, None, :].float()).sum(dim=0)
 
 
@@ -437,7 +463,12 @@ class UHC(Combiner):
         return _masked_mean_logits(_log(masked_softmax(logits, mask)), mask)
 
     def loss(self, student_logits, logits, mask, temperature=1.0, merged=None):
+        """:func:`uhc_loss` computed with masks (all teachers at once, no host synchronisation)."""
         logits, mask = _check(logits, mask)
-        indices = [torch.nonzero(row).flatten() for row in mask]
-        per_teacher = [logits[t].index_select(1, idx) for t, idx in enumerate(indices)]
-        return uhc_loss(student_logits, per_teacher, indices, temperature)
+        m = mask[:, None, :]
+        q = masked_softmax(logits.detach() / temperature, mask)  # (T, B, K)
+        s = (student_logits.float() / temperature)[None].expand_as(q)
+        log_p = torch.log_softmax(s.masked_fill(~m, float("-inf")), dim=-1)
+        log_q = q.clamp_min(1e-12).log()
+        kl = torch.where(m, q * (log_q - log_p.masked_fill(~m, 0.0)), torch.zeros_like(q)).sum(dim=-1)  # (T, B)
+        return kl.mean(dim=1).mean() * temperature**2

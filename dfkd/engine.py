@@ -253,10 +253,12 @@ class DistillationRun:
         for group, base in zip(self.optimizer.param_groups, self.base_lrs):
             group["lr"] = base * factor
 
-    def _record(self, sums: dict, count: int, evaluate: bool) -> dict:
+    def _record(self, sums: dict, count: int, gen_sums: dict, gen_count: int, evaluate: bool) -> dict:
         row = {"step": self.step, "seconds": round(self.elapsed, 2)}
-        if count:
-            values = {k: (v / count) for k, v in sums.items()}
+        values = {k: (v / count) for k, v in sums.items()} if count else {}
+        if gen_count:
+            values.update({k: (v / gen_count) for k, v in gen_sums.items()})
+        if values:
             stacked = torch.stack(list(values.values())).cpu().tolist()  # one sync per log interval
             for key, value in zip(values, stacked):
                 if not math.isfinite(value):
@@ -279,8 +281,10 @@ class DistillationRun:
         checkpoint_every = opts.checkpoint_every or opts.steps
         self.student.train()
         self.teacher.eval()
-        sums: dict[str, torch.Tensor] = {}
+        sums: dict[str, torch.Tensor] = {}  # student loss terms since the last log
         count = 0
+        gen_sums: dict[str, torch.Tensor] = {}  # synthesis-round terms since the last log
+        gen_count = 0
         progress = None
         if opts.progress:
             from tqdm import tqdm
@@ -294,7 +298,8 @@ class DistillationRun:
                 if self.step % steps_per_round == 0:
                     gen_terms = self.synth.synthesize(self.student)
                     for key, value in gen_terms.items():
-                        sums[key] = sums.get(key, 0) + value * steps_per_round
+                        gen_sums[key] = gen_sums.get(key, 0) + value
+                    gen_count += 1
                 self._set_lr()
                 batch = self.synth.sample()
                 losses, _, _ = self.synth.student_losses(self.student, batch)
@@ -313,10 +318,11 @@ class DistillationRun:
                 do_log = do_eval or (opts.log_every and self.step % opts.log_every == 0)
                 if do_log:
                     self.elapsed = time.perf_counter() - started
-                    row = self._record(sums, count, evaluate=bool(do_eval))
-                    sums, count = {}, 0
+                    row = self._record(sums, count, gen_sums, gen_count, evaluate=bool(do_eval))
+                    sums, count, gen_sums, gen_count = {}, 0, {}, 0
                     if do_eval:
                         self.metrics.append(row)
+                        self._write_metrics_csv()
                         last_accuracy = row.get("student_accuracy", last_accuracy)
                     if progress is not None:
                         shown = {k: row[k] for k in list(row)[2:5] if isinstance(row[k], float)}

@@ -180,6 +180,10 @@ class TeacherEnsemble(nn.Module):
             mask[i, idx] = True
         self.register_buffer("mask", mask, persistent=False)
         self.combiner = combine if isinstance(combine, Combiner) else create_combiner(combine, **dict(combine_options or {}))
+        try:
+            self.combiner.check_mask(mask)
+        except ValueError as exc:
+            raise EnsembleError(f"members {names}: {exc}") from None
         self.combiner.eval()
         self.penultimate = nn.Identity()
 

@@ -112,6 +112,16 @@ def augment_batch(images: torch.Tensor, pad: int = 2, flip: bool = True) -> torc
     return images.contiguous()
 
 
+def mix_batch(images: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Mixup of a batch with a shuffled copy of itself: ``lam x_i + (1 - lam) x_perm(i)``,
+    ``lam ~ Beta(alpha, alpha)`` per sample, on the images' device."""
+    n = images.shape[0]
+    beta = torch.distributions.Beta(torch.tensor(float(alpha)), torch.tensor(float(alpha)))
+    lam = beta.sample((n,)).to(images.device).view(n, 1, 1, 1)
+    perm = torch.randperm(n, device=images.device)
+    return lam * images + (1 - lam) * images[perm]
+
+
 class ImagePool:
     """A bounded memory bank of synthesized images (as DeepInversion's saved batches and
     CMI/Fast's memory banks). Policy: first-in-first-out — once ``capacity`` images are

@@ -71,3 +71,4 @@ class DCGANGenerator(nn.Module):
 
     def sample_latent(self, batch_size: int, device, generator: torch.Generator | None = None) -> torch.Tensor:
         return torch.randn(batch_size, self.nz, device=device, generator=generator)
+

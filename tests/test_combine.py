@@ -176,6 +176,9 @@ def test_uhc_loss_by_hand():
     # the combiner form with union-placed logits and a mask gives the same number
     placed = torch.tensor([[[1.0, 0.2, GARBAGE]], [[GARBAGE, 0.0, 2.0]]])
     assert math.isclose(create_combiner("uhc").loss(torch.tensor([s]), placed, PARTIAL).item(), expected, rel_tol=1e-5)
+    at_t2 = uhc_loss(torch.tensor([s]), [torch.tensor([a]), torch.tensor([b])], [[0, 1], [1, 2]], temperature=2.0)
+    assert torch.allclose(create_combiner("uhc").loss(torch.tensor([s]), placed, PARTIAL, temperature=2.0), at_t2)
+    assert not math.isclose(at_t2.item(), expected, rel_tol=1e-3)
 
 
 def test_uhc_loss_is_zero_for_a_student_consistent_with_overlapping_teachers():
