@@ -17,8 +17,6 @@ student's accuracy on the same images (``student_accuracy_on_classes``).
 """
 from __future__ import annotations
 
-import contextlib
-import inspect
 from pathlib import Path
 
 from dfkd.cli import DISTILL_DEFAULTS, METHOD_FLAGS, CLIError, _print_summary, _say, run_distillation
@@ -150,27 +148,6 @@ def member_report(ensemble, student, cfg, device) -> list[dict]:
     return rows
 
 
-@contextlib.contextmanager
-def _synthesizer_factory(factory):
-    """Make ``run_distillation`` build its synthesizer with ``factory``.
-
-    Uses ``run_distillation(..., synthesizer_factory=...)`` when it has that argument;
-    otherwise (older cli) temporarily replaces ``generators.create_synthesizer``, which
-    ``run_distillation`` imports at call time.
-    """
-    if "synthesizer_factory" in inspect.signature(run_distillation).parameters:
-        yield {"synthesizer_factory": factory}
-        return
-    import generators
-
-    original = generators.create_synthesizer
-    generators.create_synthesizer = factory
-    try:
-        yield {}
-    finally:
-        generators.create_synthesizer = original
-
-
 # ----------------------------------------------------------------------------- the command
 def cmd_amalgamate(args) -> int:
     import torch
@@ -242,8 +219,7 @@ def cmd_amalgamate(args) -> int:
                                        feature_weight=cfg["feature_weight"], feature_options=cfg["feature_options"],
                                        student_loss=cfg["student_loss"])
 
-    with _synthesizer_factory(factory) as extra:
-        summary = run_distillation(cfg, args, resume=resume, teacher_override=(ensemble, meta), **extra)
+    summary = run_distillation(cfg, args, resume=resume, teacher_override=(ensemble, meta), synthesizer_factory=factory)
 
     out = Path(cfg["out"])
     summary.update(zoo=str(cfg["zoo"]), combine=cfg["combine"], combine_options=cfg["combine_options"],

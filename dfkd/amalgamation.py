@@ -397,16 +397,13 @@ class AmalgamationSynthesizer:
     - plus, with ``features`` (a :data:`FEATURE_METHODS` name), the feature terms of a
       :class:`FeatureAmalgamator` built in :meth:`attach_student`, each times ``feature_weight``.
 
-    The adapters' parameters are returned by :meth:`extra_parameters`; an engine that calls
-    it (after ``attach_student``) optimises them with the student. If no one has called it by
-    the first student step, the wrapper optimises them itself with Adam (``adapter_lr``):
-    their gradients from each backward pass are applied at the start of the next
-    ``student_losses`` call (one step late; the last step's gradients are dropped).
+    The adapters' parameters are returned by :meth:`extra_parameters`; the engine (after
+    ``attach_student``) optimises them with the student.
     """
 
     def __init__(self, inner, ensemble, combine: str | Combiner = "mean_prob", combine_options: dict | None = None,
                  features: str | None = None, layers=None, feature_weight: float = 1.0,
-                 feature_options: dict | None = None, student_loss: str = "combiner", adapter_lr: float = 1e-3):
+                 feature_options: dict | None = None, student_loss: str = "combiner"):
         if student_loss not in ("combiner", "method"):
             raise ValueError(f"student_loss must be 'combiner' or 'method', got {student_loss!r}")
         if features is not None and features not in FEATURE_METHODS:
@@ -419,10 +416,7 @@ class AmalgamationSynthesizer:
         self.feature_options = dict(feature_options or {})
         self.feature_weight = float(feature_weight)
         self.student_loss = student_loss
-        self.adapter_lr = float(adapter_lr)
         self.amalgamator: FeatureAmalgamator | None = None
-        self._external = False
-        self._own_optimizer: torch.optim.Optimizer | None = None
 
     # -- delegation ------------------------------------------------------------------------
     def __getattr__(self, name):
@@ -478,28 +472,13 @@ class AmalgamationSynthesizer:
                                                   **self.feature_options)
 
     def extra_parameters(self) -> list[nn.Parameter]:
-        """Parameters the engine must optimise with the student (the feature adapters).
-        Calling this tells the wrapper that the engine does so."""
+        """Parameters the engine must optimise with the student (the feature adapters)."""
         if self.features_method is not None and self.amalgamator is None:
             raise RuntimeError("extra_parameters() is known only after attach_student(student)")
-        self._external = True
         return [] if self.amalgamator is None else list(self.amalgamator.parameters())
-
-    def _step_own_optimizer(self) -> None:
-        if self._external or self.amalgamator is None:
-            return
-        params = list(self.amalgamator.parameters())
-        if not params:
-            return
-        if self._own_optimizer is None:
-            self._own_optimizer = torch.optim.Adam(params, lr=self.adapter_lr)
-        if any(p.grad is not None for p in params):
-            self._own_optimizer.step()
-            self._own_optimizer.zero_grad(set_to_none=True)
 
     def student_losses(self, student, batch):
         """Named student losses, the student's logits and the merged teacher logits."""
-        self._step_own_optimizer()
         if self.student_loss == "method":
             if self.amalgamator is not None:
                 with torch.no_grad(), self.inner.autocast():
@@ -525,14 +504,9 @@ class AmalgamationSynthesizer:
         state = {"inner": self.inner.state_dict()}
         if self.amalgamator is not None:
             state["features"] = self.amalgamator.state_dict()
-        if self._own_optimizer is not None:
-            state["adapter_optimizer"] = self._own_optimizer.state_dict()
         return state
 
     def load_state_dict(self, state: dict) -> None:
         self.inner.load_state_dict(state["inner"])
         if self.amalgamator is not None and "features" in state:
             self.amalgamator.load_state_dict(state["features"])
-        if "adapter_optimizer" in state and not self._external and self.amalgamator is not None:
-            self._own_optimizer = torch.optim.Adam(list(self.amalgamator.parameters()), lr=self.adapter_lr)
-            self._own_optimizer.load_state_dict(state["adapter_optimizer"])

@@ -166,7 +166,7 @@ def _prepare_run_dir(out: Path, overwrite: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
-def run_distillation(cfg: dict, args, resume: bool = False, teacher_override=None) -> dict:
+def run_distillation(cfg: dict, args, resume: bool = False, teacher_override=None, synthesizer_factory=None) -> dict:
     """Build teacher, student and synthesizer from a resolved config and run."""
     import torch
 
@@ -200,12 +200,13 @@ def run_distillation(cfg: dict, args, resume: bool = False, teacher_override=Non
     options = dict(cfg["options"])
     if cfg["batch_size"]:
         options["batch_size"] = cfg["batch_size"]
-    if cfg["method"] == "real":  # the upper bound: KD on the real, unlabeled train images
+    if cfg["method"] == "real" and synthesizer_factory is None:  # the upper bound: KD on the real, unlabeled train images
         train = load_dataset(cfg["eval_dataset"] or meta["dataset"], "train", root=cfg["data_root"],
                              download=cfg["download"], classes=classes, image_size=height)
         options["images"] = train.images
-    synth = create_synthesizer(cfg["method"], teacher, image_shape=meta["image_shape"], num_classes=len(classes),
-                               device=device, seed=cfg["seed"], **options)
+    make_synthesizer = synthesizer_factory or create_synthesizer
+    synth = make_synthesizer(cfg["method"], teacher, image_shape=meta["image_shape"], num_classes=len(classes),
+                             device=device, seed=cfg["seed"], **options)
     options.pop("images", None)
     cfg = dict(cfg, options=dict(synth.options))  # resolved: every method option with its value
     write_yaml(out / "config.yaml", cfg)

@@ -176,6 +176,10 @@ class DistillationRun:
         self.elapsed = 0.0
         self.metrics: list[dict] = []
         self.synth.attach_student(student)
+        extra = [p for p in getattr(synthesizer, "extra_parameters", lambda: ())() if p.requires_grad]
+        if extra:  # parameters the method trains with the student (e.g. feature-amalgamation adapters)
+            self.optimizer.add_param_group({"params": extra})
+            self.base_lrs.append(self.optimizer.param_groups[-1]["lr"])
         if "generator_total_steps" in synthesizer.options and not synthesizer.options["generator_total_steps"]:
             synthesizer.options["generator_total_steps"] = math.ceil(options.steps / synthesizer.student_steps_per_round)
         self._teacher_predictions = None
