@@ -114,8 +114,28 @@ def run_one(row: str, seed: int) -> dict:
     return record
 
 
-def ensure_teachers(jobs: int) -> None:
-    needed = [(row, path) for row, path in (("teacher", TEACHER), ("teacher-plain", TEACHER_PLAIN)) if not path.exists()]
+def adopt_teacher(row: str, path: Path) -> None:
+    """Record a teacher checkpoint that is already there (trained earlier by the same
+    ``dfkd train-teacher`` command, seed 0) instead of training it again."""
+    import torch
+
+    record_path = RESULTS / row / "seed0.json"
+    if record_path.exists() or not path.exists():
+        return
+    meta = torch.load(path, map_location="cpu", weights_only=True)["meta"]
+    args = ROWS[row][1] + f" --seed 0 --out {path}"
+    record = {"row": row, "description": ROWS[row][0], "seed": 0, "command": "dfkd " + args, "returncode": 0,
+              "student_accuracy": meta["test_accuracy"], "wall_seconds": meta.get("train_seconds"),
+              "peak_rss_mib": None, "note": "checkpoint trained before this benchmark run; its own train_seconds"}
+    record_path.parent.mkdir(parents=True, exist_ok=True)
+    record_path.write_text(json.dumps(record, indent=2))
+
+
+def ensure_teachers(jobs: int, rows) -> None:
+    adopt_teacher("teacher", TEACHER)
+    adopt_teacher("teacher-plain", TEACHER_PLAIN)
+    wanted = [("teacher", TEACHER)] + ([("teacher-plain", TEACHER_PLAIN)] if any(r.endswith("-plain") for r in rows) else [])
+    needed = [(row, path) for row, path in wanted if not path.exists()]
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         for (row, path) in needed:
             pool.submit(_train_teacher_into, row, path)
@@ -213,7 +233,7 @@ def main(argv=None) -> int:
         parser.error(f"unknown rows {unknown}; known: {', '.join(ROWS)}")
     if not args.report_only:
         started = time.perf_counter()
-        ensure_teachers(args.jobs)
+        ensure_teachers(args.jobs, args.rows)
         todo = [(row, seed) for row in args.rows for seed in args.seeds
                 if not (row in ("teacher", "teacher-plain") and seed == 0 and (RESULTS / row / "seed0.json").exists())]
         with ThreadPoolExecutor(max_workers=args.jobs) as pool:

@@ -399,8 +399,9 @@ def cmd_plot(args) -> int:
 
 # ----------------------------------------------------------------------------- demo
 # The demo's distillation recipe (the digits analogue of configs/fashion-mnist/best.yaml).
-DEMO_RECIPE = {"method": "deepinversion", "student": "lenet5_half", "steps": 1500, "eval_every": 500,
-               "options": {"adi": True, "iterations": 200, "synthesis_batch_size": 256, "student_steps_per_round": 100}}
+DEMO_RECIPE = {"method": "deepinversion", "student": "lenet5_half", "steps": 600, "eval_every": 200,
+               "options": {"adi": True, "iterations": 100, "lr": 0.25, "bn_weight": 1.0, "synthesis_batch_size": 128,
+                           "student_steps_per_round": 40, "batch_size": 128, "student_augment": True}}
 
 
 def cmd_demo(args) -> int:

@@ -119,8 +119,7 @@ class BNStatisticsHook:
     def _hook(self, module, inputs, output):
         x = inputs[0].float()
         dims = [0] + list(range(2, x.dim()))
-        mean = x.mean(dim=dims)
-        var = x.var(dim=dims, unbiased=False)
+        var, mean = torch.var_mean(x, dim=dims, unbiased=False)
         self.layer_losses.append(bn_statistics_loss(mean, var, module.running_mean.float(), module.running_var.float()))
 
     def reset(self) -> None:

@@ -113,9 +113,10 @@ class DeepInversion(Synthesizer):
             logits = self.teacher(x).float()
         terms = {"ce": F.cross_entropy(logits, targets)}
         terms["bn"] = self.bn_hook.loss() if len(self.bn_hook) else logits.new_zeros(())
-        terms["tv_l2"] = total_variation_l2(x)
-        terms["tv_l1"] = total_variation_l1(x)
-        terms["l2"] = l2_prior(x)
+        # priors are computed only when weighted (each costs a pass over the batch)
+        for name, prior in (("tv_l2", total_variation_l2), ("tv_l1", total_variation_l1), ("l2", l2_prior)):
+            if o[f"{name}_weight"]:
+                terms[name] = prior(x)
         if o["adi"] and student is not None:
             with self.autocast():
                 student_logits = student(x).float()
