@@ -65,8 +65,8 @@ def analyze_run(run_dir, teacher: nn.Module, student: nn.Module, synthetic_image
     :func:`dfkd.quality.sample_quality`. Written: ``samples.png`` and ``classes.png``; with
     real images also ``embedding.png`` (``embedding`` = ``"pca"`` or ``"tsne"``) and
     ``confusion.png`` (the student on all given real images); ``curves.png`` when
-    ``metrics.csv`` exists. Models must already be on ``device``; the student's train/eval
-    mode is restored afterwards. Returns the quality dict plus ``plots``, the file names
+    ``metrics.csv`` exists. Models must already be on ``device``; the teacher is left in eval
+    mode, the student's train/eval mode is restored afterwards. Returns the quality dict plus ``plots``, the file names
     written.
     """
     run_dir = Path(run_dir)
@@ -76,8 +76,8 @@ def analyze_run(run_dir, teacher: nn.Module, student: nn.Module, synthetic_image
     if with_real:
         real_images, real_labels = torch.as_tensor(real_images).detach(), torch.as_tensor(real_labels).detach().cpu().long()
 
-    teacher_mode, student_mode = teacher.training, student.training
-    teacher.eval()
+    student_mode = student.training
+    teacher.eval()  # a teacher stays in eval mode (frozen); only the student's mode is restored
     student.eval()
     tap = penultimate_tap(teacher)
     try:
@@ -90,7 +90,6 @@ def analyze_run(run_dir, teacher: nn.Module, student: nn.Module, synthetic_image
             student_predictions = predict_labels(student, real_images, device)
     finally:
         tap.close()
-        teacher.train(teacher_mode)
         student.train(student_mode)
 
     num_classes = synth_logits.shape[1]

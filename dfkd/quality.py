@@ -13,6 +13,7 @@ on the *teacher's* view of the images: its logits and its penultimate features.
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import torch
@@ -102,7 +103,9 @@ def frechet_distance(features_a, features_b, eps: float = 1e-6) -> float:
     mu_a, mu_b = a.mean(axis=0), b.mean(axis=0)
     sigma_a = np.atleast_2d(np.cov(a, rowvar=False))
     sigma_b = np.atleast_2d(np.cov(b, rowvar=False))
-    covmean = linalg.sqrtm(sigma_a @ sigma_b)
+    with warnings.catch_warnings():  # a singular product is handled just below
+        warnings.simplefilter("ignore")
+        covmean = linalg.sqrtm(sigma_a @ sigma_b)
     if not np.isfinite(covmean).all():
         offset = np.eye(sigma_a.shape[0]) * eps
         covmean = linalg.sqrtm((sigma_a + offset) @ (sigma_b + offset))

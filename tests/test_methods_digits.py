@@ -28,7 +28,7 @@ def digits_teacher():
 
 # method -> (options, student steps, minimum final accuracy)
 CASES = {
-    "dafl": ({"batch_size": 128, "ngf": 16, "generator_lr": 0.02}, 300, 0.30),
+    "dafl": ({"batch_size": 64, "ngf": 8, "generator_lr": 0.02}, 300, 0.40),  # measured 0.76
     "deepinversion": ({"iterations": 60, "lr": 0.25, "bn_weight": 1.0, "synthesis_batch_size": 128,
                        "student_steps_per_round": 40, "batch_size": 128, "student_lr": 0.05}, 400, 0.40),
     "zskt": ({"batch_size": 64, "ngf": 16}, 300, 0.20),
