@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dfkd.cli import DISTILL_DEFAULTS, METHOD_FLAGS, CLIError, _print_summary, _say, run_distillation
+from dfkd.cli import DISTILL_DEFAULTS, METHOD_FLAGS, CLIError, _print_summary, _say, add_run_arguments, run_distillation
 
 AMALGAMATE_DEFAULTS = {
     **DISTILL_DEFAULTS,
@@ -63,26 +63,7 @@ def add_amalgamate_parser(sub, common, formatter) -> None:
     p.add_argument("--dataset", help="data set of the real images (--method real) and of evaluation (default: the zoo's)")
     p.add_argument("--real-limit", type=int, help="--method real: use at most this many training images (default 0: all)")
     p.add_argument("--allow-mixed", action="store_true", help="merge teachers of different data sets/image shapes")
-    p.add_argument("--steps", type=int, help="student optimisation steps (default 1000)")
-    p.add_argument("--batch-size", type=int, help="images per student step (default: the method's)")
-    p.add_argument("--seed", type=int, help="random seed (default 0)")
-    p.add_argument("--device", help="auto, cpu, cuda, mps (default auto)")
-    p.add_argument("--out", help="run directory")
-    p.add_argument("--data-root", help="directory with the data set's files")
-    p.add_argument("--download", action="store_true", help="download the data set if missing")
-    p.add_argument("--no-eval", action="store_true", help="skip evaluation on real test data")
-    p.add_argument("--eval-every", type=int, help="evaluate every N steps (default 0: only at the end)")
-    p.add_argument("--log-every", type=int, help="log loss terms every N steps (default 50)")
-    p.add_argument("--checkpoint-every", type=int, help="save resumable state every N steps (default 0: at the end)")
-    p.add_argument("--samples", type=int, help="synthesized images kept for plots (default 512)")
-    for flag, (_, kind, text) in METHOD_FLAGS.items():
-        name = "--" + flag.replace("_", "-")
-        if kind is bool:
-            p.add_argument(name, action="store_true", help=text)
-        else:
-            p.add_argument(name, type=kind, help=text + " (default: the method's)")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue a killed run from its last checkpoint")
-    p.add_argument("--overwrite", action="store_true", help="replace a finished run in --out")
+    add_run_arguments(p)
     common(p)
     p.set_defaults(func=cmd_amalgamate)
 

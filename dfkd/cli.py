@@ -429,6 +429,30 @@ def cmd_demo(args) -> int:
 
 
 # ----------------------------------------------------------------------------- parser
+def add_run_arguments(p) -> None:
+    """Options every distillation-style command shares (distill, amalgamate)."""
+    p.add_argument("--steps", type=int, help="student optimisation steps (default 1000)")
+    p.add_argument("--batch-size", type=int, help="images per student step (default: the method's)")
+    p.add_argument("--seed", type=int, help="random seed (default 0)")
+    p.add_argument("--device", help="auto, cpu, cuda, mps (default auto)")
+    p.add_argument("--out", help="run directory")
+    p.add_argument("--data-root", help="directory with the data set's files")
+    p.add_argument("--download", action="store_true", help="download the data set if missing")
+    p.add_argument("--no-eval", action="store_true", help="skip evaluation on real test data")
+    p.add_argument("--eval-every", type=int, help="evaluate every N steps (default 0: only at the end)")
+    p.add_argument("--log-every", type=int, help="log loss terms every N steps (default 50)")
+    p.add_argument("--checkpoint-every", type=int, help="save resumable state every N steps (default 0: at the end)")
+    p.add_argument("--samples", type=int, help="synthesized images kept for plots (default 512)")
+    for flag, (_, kind, text) in METHOD_FLAGS.items():
+        name = "--" + flag.replace("_", "-")
+        if kind is bool:
+            p.add_argument(name, action="store_true", help=text)
+        else:
+            p.add_argument(name, type=kind, help=text + " (default: the method's)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue a killed run from its last checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace a finished run in --out")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dfkd", description="Data-free and multi-teacher knowledge distillation.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -462,27 +486,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teacher", help="teacher checkpoint (.pt)")
     p.add_argument("--method", help="dafl, deepinversion, zskt, dfad, ... (default dafl)")
     p.add_argument("--student", help="student architecture (default lenet5_half)")
-    p.add_argument("--steps", type=int, help="student optimisation steps (default 1000)")
-    p.add_argument("--batch-size", type=int, help="images per student step (default: the method's)")
-    p.add_argument("--seed", type=int, help="random seed (default 0)")
-    p.add_argument("--device", help="auto, cpu, cuda, mps (default auto)")
-    p.add_argument("--out", help="run directory")
     p.add_argument("--eval-dataset", help="data set for evaluation (default: the teacher's)")
-    p.add_argument("--data-root", help="directory with the evaluation data set's files")
-    p.add_argument("--download", action="store_true", help="download the evaluation data set if missing")
-    p.add_argument("--no-eval", action="store_true", help="skip evaluation on real test data")
-    p.add_argument("--eval-every", type=int, help="evaluate every N steps (default 0: only at the end)")
-    p.add_argument("--log-every", type=int, help="log loss terms every N steps (default 50)")
-    p.add_argument("--checkpoint-every", type=int, help="save resumable state every N steps (default 0: at the end)")
-    p.add_argument("--samples", type=int, help="synthesized images kept for plots (default 512)")
-    for flag, (_, kind, text) in METHOD_FLAGS.items():
-        name = "--" + flag.replace("_", "-")
-        if kind is bool:
-            p.add_argument(name, action="store_true", help=text)
-        else:
-            p.add_argument(name, type=kind, help=text + " (default: the method's)")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue a killed run from its last checkpoint")
-    p.add_argument("--overwrite", action="store_true", help="replace a finished run in --out")
+    add_run_arguments(p)
     common(p)
     p.set_defaults(func=cmd_distill)
 
