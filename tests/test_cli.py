@@ -98,3 +98,21 @@ def test_resume_continues_a_killed_run(teacher, tmp_path):
     out = dfkd("distill", "--resume", run, "--quiet")
     assert "student" in out.stdout
     assert json.loads((run / "summary.json").read_text())["steps"] == 8
+
+
+def test_import_weights_from_a_plain_state_dict(teacher, tmp_path):
+    import torch
+
+    from teachers import load_checkpoint
+
+    model, _ = load_checkpoint(teacher)
+    plain = tmp_path / "their_weights.pth"
+    torch.save({f"module.{k}": v for k, v in model.net.state_dict().items()}, plain)
+    out = tmp_path / "imported.pt"
+    dfkd("import-weights", plain, "--arch", "lenet5_bn", "--dataset", "digits", "--out", out)
+    imported, meta = load_checkpoint(out)
+    assert meta["dataset"] == "digits" and meta["classes"] == list(range(10))
+    x = torch.rand(4, 1, 32, 32)
+    assert torch.allclose(imported(x), model(x), atol=1e-5)
+    wrong = dfkd("import-weights", plain, "--arch", "lenet5", "--dataset", "digits", "--out", tmp_path / "w.pt", check=False)
+    assert wrong.returncode == 2 and "bn1" in wrong.stderr
