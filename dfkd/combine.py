@@ -163,7 +163,7 @@ class Combiner(nn.Module):
     name = "base"
 
     def forward(self, logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:  # pragma: no cover
-        raise NotImplementedError
+        raise NotImplementedError("abstract: each combiner implements forward()")
 
     def check_mask(self, mask: torch.Tensor) -> None:
         """Raise ``ValueError`` if this combiner cannot merge teachers with these class sets

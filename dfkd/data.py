@@ -236,7 +236,7 @@ class DatasetSpec:
         return len(self.class_names)
 
     def load_raw(self, split: str, root: Path | None, download: bool) -> RawSplit:  # pragma: no cover
-        raise NotImplementedError
+        raise NotImplementedError("abstract: each data set spec implements load_raw()")
 
     def class_names_from(self, raw: RawSplit) -> list[str]:
         """Class names for a loaded split (defaults to the constant ``class_names``)."""
