@@ -116,3 +116,10 @@ def test_import_weights_from_a_plain_state_dict(teacher, tmp_path):
     assert torch.allclose(imported(x), model(x), atol=1e-5)
     wrong = dfkd("import-weights", plain, "--arch", "lenet5", "--dataset", "digits", "--out", tmp_path / "w.pt", check=False)
     assert wrong.returncode == 2 and "bn1" in wrong.stderr
+
+
+def test_overrides_may_come_between_options(teacher, tmp_path):
+    bad = dfkd("distill", "--teacher", teacher, "steps=3", "--out", tmp_path / "x", "stepz=1", check=False)
+    assert bad.returncode == 2 and "unknown config key 'stepz'" in bad.stderr
+    bad = dfkd("distill", "--teacher", teacher, "--out", tmp_path / "x", "--no-such-flag", check=False)
+    assert bad.returncode == 2 and "--no-such-flag" in bad.stderr
