@@ -398,10 +398,11 @@ def cmd_plot(args) -> int:
 
 
 # ----------------------------------------------------------------------------- demo
-# The demo's distillation recipe (the digits analogue of configs/fashion-mnist/best.yaml).
+# The demo's distillation recipe: configs/fashion-mnist/best.yaml's method, sized for digits.
 DEMO_RECIPE = {"method": "deepinversion", "student": "lenet5_half", "steps": 600, "eval_every": 200,
-               "options": {"adi": True, "iterations": 100, "lr": 0.25, "bn_weight": 1.0, "synthesis_batch_size": 128,
-                           "student_steps_per_round": 40, "batch_size": 128, "student_augment": True}}
+               "options": {"adi": True, "iterations": 100, "lr": 0.25, "bn_weight": 1.0, "tv_l2_weight": 0.02,
+                           "synthesis_batch_size": 128, "student_steps_per_round": 40, "batch_size": 128,
+                           "student_mixup": 1.0}}
 
 
 def cmd_demo(args) -> int:
