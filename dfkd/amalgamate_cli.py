@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from dfkd.cli import DISTILL_DEFAULTS, METHOD_FLAGS, CLIError, _print_summary, _say, add_run_arguments, run_distillation
+from dfkd.cli import DISTILL_DEFAULTS, METHOD_FLAGS, CLIError, _print_summary, _say, add_run_arguments, resume_config, run_distillation
 
 AMALGAMATE_DEFAULTS = {
     **DISTILL_DEFAULTS,
@@ -134,24 +134,15 @@ def cmd_amalgamate(args) -> int:
     import torch
 
     from dfkd.amalgamation import AmalgamationSynthesizer
-    from dfkd.config import load_yaml, merge_config
     from dfkd.data import list_datasets, load_dataset
     from dfkd.engine import atomic_json, resolve_device
     from dfkd.ensemble import TeacherEnsemble
     import generators
-    import generators.real  # noqa: F401  (registers "real" until generators/__init__ imports it)
     from teachers import load_checkpoint
 
     resume = False
     if getattr(args, "resume", None):
-        run_dir = Path(args.resume)
-        if not (run_dir / "config.yaml").exists():
-            raise CLIError(f"--resume {run_dir}: no config.yaml there; is it a dfkd run directory?")
-        if (run_dir / "summary.json").exists():
-            raise CLIError(f"--resume {run_dir}: the run already finished (summary.json exists)")
-        cfg = merge_config(AMALGAMATE_DEFAULTS, load_yaml(run_dir / "config.yaml"))
-        cfg["out"] = str(run_dir)
-        resume = (run_dir / "state.pt").exists()
+        cfg, resume = resume_config(args.resume, AMALGAMATE_DEFAULTS)
     else:
         cfg = amalgamate_config(args)
     if not cfg["zoo"]:

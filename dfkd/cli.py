@@ -74,8 +74,6 @@ TRAIN_DEFAULTS = {
 
 
 def cmd_train_teacher(args) -> int:
-    import torch
-
     from dfkd.config import merge_config, load_yaml, parse_overrides
     from dfkd.data import load_dataset, parse_classes
     from dfkd.engine import resolve_device, seed_everything
@@ -168,8 +166,6 @@ def _prepare_run_dir(out: Path, overwrite: bool) -> None:
 
 def run_distillation(cfg: dict, args, resume: bool = False, teacher_override=None, synthesizer_factory=None) -> dict:
     """Build teacher, student and synthesizer from a resolved config and run."""
-    import torch
-
     from dfkd.config import write_yaml
     from dfkd.data import load_dataset
     from dfkd.engine import DistillationRun, EvalData, RunOptions, resolve_device, seed_everything
@@ -282,18 +278,23 @@ def _print_summary(summary: dict, out) -> None:
     print(f"run directory: {out}  (report: {Path(out) / 'report.md'}, samples: {Path(out) / 'samples.png'})")
 
 
-def cmd_distill(args) -> int:
+def resume_config(run_dir, defaults: dict) -> tuple[dict, bool]:
+    """The resolved config of an unfinished run and whether it has a state to resume from."""
     from dfkd.config import load_yaml, merge_config
 
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").exists():
+        raise CLIError(f"--resume {run_dir}: no config.yaml there; is it a dfkd run directory?")
+    if (run_dir / "summary.json").exists():
+        raise CLIError(f"--resume {run_dir}: the run already finished (summary.json exists)")
+    cfg = merge_config(defaults, load_yaml(run_dir / "config.yaml"))
+    cfg["out"] = str(run_dir)
+    return cfg, (run_dir / "state.pt").exists()
+
+
+def cmd_distill(args) -> int:
     if args.resume:
-        run_dir = Path(args.resume)
-        if not (run_dir / "config.yaml").exists():
-            raise CLIError(f"--resume {run_dir}: no config.yaml there; is it a dfkd run directory?")
-        if (run_dir / "summary.json").exists():
-            raise CLIError(f"--resume {run_dir}: the run already finished (summary.json exists)")
-        cfg = merge_config(DISTILL_DEFAULTS, load_yaml(run_dir / "config.yaml"))
-        cfg["out"] = str(run_dir)
-        resume = (run_dir / "state.pt").exists()
+        cfg, resume = resume_config(args.resume, DISTILL_DEFAULTS)
         summary = run_distillation(cfg, args, resume=resume)
     else:
         cfg = _distill_config(args)

@@ -183,6 +183,7 @@ class DistillationRun:
         if "generator_total_steps" in synthesizer.options and not synthesizer.options["generator_total_steps"]:
             synthesizer.options["generator_total_steps"] = math.ceil(options.steps / synthesizer.student_steps_per_round)
         self._teacher_predictions = None
+        self._last_eval: tuple[int, dict] | None = None  # (step, result) of the latest evaluation
 
     # -- persistence ----------------------------------------------------------------------
     @property
@@ -231,11 +232,13 @@ class DistillationRun:
         if self._teacher_predictions is None:
             self._teacher_predictions = predict(self.teacher, data.images, self.device)
         student_pred = predict(self.student, data.images, self.device)
-        return {
+        result = {
             "student_accuracy": float((student_pred == data.labels).float().mean()),
             "agreement": float((student_pred == self._teacher_predictions).float().mean()),
             "_student_predictions": student_pred,
         }
+        self._last_eval = (self.step, result)
+        return result
 
     def _write_metrics_csv(self) -> None:
         keys: list[str] = []
@@ -339,8 +342,6 @@ class DistillationRun:
                     last_saved = self.step
                     self.elapsed = time.perf_counter() - started
                     self.save_state()
-                    if self.metrics:
-                        self._write_metrics_csv()
         finally:
             if progress is not None:
                 progress.close()
@@ -348,9 +349,11 @@ class DistillationRun:
         return self.finish()
 
     def finish(self) -> dict:
-        final = self.evaluate()
+        # the loop evaluated at its last step; reuse that instead of evaluating twice
+        final = dict(self._last_eval[1]) if self._last_eval and self._last_eval[0] == self.step else self.evaluate()
         student_predictions = final.pop("_student_predictions", None)
-        self._write_metrics_csv() if self.metrics else None
+        if self.metrics:
+            self._write_metrics_csv()
         meta = dict(self.student_meta)
         meta["test_accuracy"] = final.get("student_accuracy")
         save_checkpoint(self.run_dir / "student.pt", self.student, meta)

@@ -9,7 +9,7 @@ import torch
 
 from dfkd.hooks import FeatureTap
 from dfkd.losses import attention_transfer_loss, kl_teacher_student, logit_l1
-from generators.base import Synthesizer, SyntheticBatch, register_synthesizer, teacher_stats
+from generators.base import Synthesizer, SyntheticBatch, cosine_factor, register_synthesizer, teacher_stats
 from generators.networks import DCGANGenerator
 
 
@@ -40,8 +40,6 @@ class AdversarialGeneratorSynthesizer(Synthesizer):
         o = self.options
         total = o["generator_total_steps"]
         if o["generator_schedule"] == "cosine" and total > 0:
-            from generators.base import cosine_factor
-
             for group in self.generator_optimizer.param_groups:
                 group["lr"] = o["generator_lr"] * cosine_factor(self.generator_steps, total)
 
