@@ -50,7 +50,7 @@ def add_amalgamate_parser(sub, common, formatter) -> None:
                                    "Writes the run directory of dfkd distill, with per-teacher accuracy in summary.json.")
     p.add_argument("--zoo", help="zoo manifest (zoo.yaml, see dfkd zoo build)")
     p.add_argument("--student", help="student architecture (default lenet5_half)")
-    p.add_argument("--method", help="dafl, deepinversion, zskt, dfad, real (default dafl)")
+    p.add_argument("--method", help="dafl, deepinversion, zskt, dfad, fast, real (default dafl)")
     p.add_argument("--combine", help="logit combiner: mean_prob, mean_logits, weighted, entropy_weighted, least_ambiguous, "
                                      "noisy, pate, concat, uhc (dfkd.combine.list_combiners(); default mean_prob)")
     p.add_argument("--combine-opt", action="append", default=[], metavar="KEY=VALUE",

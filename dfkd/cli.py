@@ -486,7 +486,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("distill", help="data-free distillation of a teacher into a student", formatter_class=_formatter)
     p.add_argument("--teacher", help="teacher checkpoint (.pt)")
-    p.add_argument("--method", help="dafl, deepinversion, zskt, dfad, ... (default dafl)")
+    p.add_argument("--method", help="dafl, deepinversion, zskt, dfad, fast, ... (default dafl)")
     p.add_argument("--student", help="student architecture (default lenet5_half)")
     p.add_argument("--eval-dataset", help="data set for evaluation (default: the teacher's)")
     add_run_arguments(p)

@@ -106,11 +106,20 @@ class BNStatisticsHook:
     mean and (biased) variance of the layer's input with its running statistics
     (:func:`dfkd.losses.bn_statistics_loss`). ``loss()`` returns the sum over layers of the
     last forward pass; ``layer_losses`` the per-layer terms.
+
+    ``momentum = m > 0`` (Fast, Fang et al., AAAI 2022, official ``bn_mmt=0.9``): the batch
+    statistics are first blended with an exponential average of earlier *synthesis rounds'*
+    statistics, ``mu~ = (1-m) mu(x) + m mu_avg`` (same for the variance), so that the
+    images synthesized over many rounds, not each batch alone, match the BN statistics.
+    Call :meth:`update_momentum` once per round to fold the last batch into the average.
     """
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, momentum: float = 0.0):
         self.bn_layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         self.layer_losses: list[torch.Tensor] = []
+        self.momentum = float(momentum)
+        self.averages: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._last: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._handles = [m.register_forward_hook(self._hook) for m in self.bn_layers]
 
     def __len__(self) -> int:
@@ -120,7 +129,35 @@ class BNStatisticsHook:
         x = inputs[0].float()
         dims = [0] + list(range(2, x.dim()))
         var, mean = torch.var_mean(x, dim=dims, unbiased=False)
+        key = id(module)
+        if self.momentum > 0:
+            self._last[key] = (mean.detach(), var.detach())
+            if key in self.averages:
+                avg_mean, avg_var = self.averages[key]
+                mean = (1 - self.momentum) * mean + self.momentum * avg_mean
+                var = (1 - self.momentum) * var + self.momentum * avg_var
         self.layer_losses.append(bn_statistics_loss(mean, var, module.running_mean.float(), module.running_var.float()))
+
+    def update_momentum(self) -> None:
+        """Fold the statistics of the last forward pass into the running averages."""
+        m = self.momentum
+        for key, (mean, var) in self._last.items():
+            if key in self.averages:
+                avg_mean, avg_var = self.averages[key]
+                self.averages[key] = (m * avg_mean + (1 - m) * mean, m * avg_var + (1 - m) * var)
+            else:
+                self.averages[key] = (mean, var)
+        self._last = {}
+
+    def state_dict(self) -> list:
+        """The momentum averages, in BN-layer order (for checkpoints)."""
+        return [self.averages.get(id(m)) for m in self.bn_layers]
+
+    def load_state_dict(self, state: list, device=None) -> None:
+        self.averages = {}
+        for module, entry in zip(self.bn_layers, state):
+            if entry is not None:
+                self.averages[id(module)] = tuple(t.to(device) if device is not None else t for t in entry)
 
     def reset(self) -> None:
         self.layer_losses = []

@@ -78,6 +78,19 @@ def adi_competition_loss(student_logits: torch.Tensor, teacher_logits: torch.Ten
     return 1.0 - js_divergence(student_logits, teacher_logits, temperature).clamp(0.0, 1.0)
 
 
+def agreement_masked_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """The generator's adversarial term of CMI and Fast (Fang et al., IJCAI 2021 / AAAI
+    2022): ``mean_i [ 1(argmax s_i = argmax t_i) * KL(p_T,i || p_S,i) ]``. The generator
+    *maximises* it (its loss is the negative): it seeks images the student still gets
+    "right" but with a different belief, and leaves alone those it already gets wrong, so
+    the images do not drift off the teacher's decision regions."""
+    t = teacher_logits.float()
+    s = student_logits.float()
+    per_sample = F.kl_div(F.log_softmax(s, dim=1), F.log_softmax(t, dim=1), reduction="none", log_target=True).sum(1)
+    agree = (s.argmax(1) == t.argmax(1)).float()
+    return (per_sample * agree).mean()
+
+
 def total_variation_l2(images: torch.Tensor) -> torch.Tensor:
     """DeepInversion's l2 total-variation prior: the sum of the Frobenius norms of the four
     neighbour differences (horizontal, vertical, and both diagonals) of the batch."""

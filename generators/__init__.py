@@ -13,7 +13,7 @@ from generators.base import (
     register_synthesizer,
     synthesizer_class,
 )
-from generators import adversarial, dafl, deepinversion, real  # noqa: F401  (registration)
+from generators import adversarial, dafl, deepinversion, fast, real  # noqa: F401  (registration)
 
 __all__ = [
     "ImagePool",

@@ -38,9 +38,13 @@ class DCGANGenerator(nn.Module):
     -> Conv3x3(ngf, C) -> tanh -> BN(affine=False) -> ToPixels`` with ``s = image_size // 4``.
     The paper uses ``nz=100, ngf=64`` (128 channels in the first stage) and BN eps 0.8 in the
     hidden blocks, kept here. ``ngf`` is the main cost knob on CPU.
+
+    ``output="sigmoid"`` gives the variant of CMI and Fast (Fang et al., IJCAI 2021 / AAAI
+    2022): the same body with bias-free hidden convolutions and BN eps 1e-5, ending in
+    ``Conv3x3 -> sigmoid``, which is already in ``[0,1]``.
     """
 
-    def __init__(self, nz: int = 100, image_shape=(1, 32, 32), ngf: int = 64, mean=None, std=None):
+    def __init__(self, nz: int = 100, image_shape=(1, 32, 32), ngf: int = 64, mean=None, std=None, output: str = "normalized"):
         super().__init__()
         channels, height, width = image_shape
         if height % 4 or width % 4:
@@ -48,21 +52,24 @@ class DCGANGenerator(nn.Module):
         self.nz = nz
         self.init_hw = (height // 4, width // 4)
         self.project = nn.Sequential(nn.Linear(nz, 2 * ngf * self.init_hw[0] * self.init_hw[1]))
+        if output not in ("normalized", "sigmoid"):
+            raise ValueError(f"DCGANGenerator output must be 'normalized' or 'sigmoid', got {output!r}")
+        dafl = output == "normalized"
+        eps = 0.8 if dafl else 1e-5
         self.body = nn.Sequential(
             nn.BatchNorm2d(2 * ngf),
             nn.Upsample(scale_factor=2),
-            nn.Conv2d(2 * ngf, 2 * ngf, 3, padding=1),
-            nn.BatchNorm2d(2 * ngf, eps=0.8),
+            nn.Conv2d(2 * ngf, 2 * ngf, 3, padding=1, bias=dafl),
+            nn.BatchNorm2d(2 * ngf, eps=eps),
             nn.LeakyReLU(0.2),
             nn.Upsample(scale_factor=2),
-            nn.Conv2d(2 * ngf, ngf, 3, padding=1),
-            nn.BatchNorm2d(ngf, eps=0.8),
+            nn.Conv2d(2 * ngf, ngf, 3, padding=1, bias=dafl),
+            nn.BatchNorm2d(ngf, eps=eps),
             nn.LeakyReLU(0.2),
             nn.Conv2d(ngf, channels, 3, padding=1),
-            nn.Tanh(),
-            nn.BatchNorm2d(channels, affine=False),
+            *((nn.Tanh(), nn.BatchNorm2d(channels, affine=False)) if dafl else (nn.Sigmoid(),)),
         )
-        self.to_pixels = ToPixels(channels, mean, std)
+        self.to_pixels = ToPixels(channels, mean, std) if dafl else nn.Identity()
         self.ngf = ngf
         # channels-last convolutions: 2.2x faster forward on CPU (oneDNN), the fast layout on CUDA
         self.to(memory_format=torch.channels_last)

@@ -13,7 +13,7 @@ RECIPES = sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml
 def test_there_are_recipes_for_each_dataset_and_method():
     names = {(p.parent.name, p.stem) for p in RECIPES}
     for dataset in ("digits", "fashion-mnist", "mnist", "cifar10", "cifar100"):
-        for method in ("dafl", "deepinversion", "zskt", "dfad"):
+        for method in ("dafl", "deepinversion", "zskt", "dfad", "fast"):
             assert (dataset, method) in names
 
 

@@ -159,6 +159,7 @@ SYNTH_OPTIONS = {
     "deepinversion": {"batch_size": 8, "synthesis_batch_size": 10, "iterations": 2, "pool_size": 20},
     "zskt": {"batch_size": 8, "ngf": 8},
     "dfad": {"batch_size": 8, "ngf": 8},
+    "fast": {"batch_size": 8, "ngf": 8, "nz": 16, "synthesis_batch_size": 10, "warmup_rounds": 1},
     "real": {"batch_size": 8},
 }
 

@@ -39,6 +39,41 @@ def test_bn_hook_reproduces_statistics_by_hand():
     assert hook.layer_losses == []
 
 
+def test_bn_hook_momentum_blends_earlier_rounds_by_hand():
+    torch.manual_seed(0)
+    model = Tiny().eval()
+    m = 0.9
+    hook = BNStatisticsHook(model, momentum=m)
+
+    def stats(x):
+        h = model.conv(x)
+        mean = h.mean(dim=(0, 2, 3))
+        return mean, ((h - mean.view(1, 3, 1, 1)) ** 2).mean(dim=(0, 2, 3))
+
+    x1, x2, x3 = (torch.randn(4, 1, 5, 5) for _ in range(3))
+    model(x1)
+    mean1, var1 = stats(x1)
+    first = (mean1 - model.bn.running_mean).norm() + (var1 - model.bn.running_var).norm()
+    assert torch.allclose(hook.loss(), first, atol=1e-5)  # nothing to blend with yet
+    hook.update_momentum()
+    model(x2)
+    mean2, var2 = stats(x2)
+    blended_mean, blended_var = (1 - m) * mean2 + m * mean1, (1 - m) * var2 + m * var1
+    expected = (blended_mean - model.bn.running_mean).norm() + (blended_var - model.bn.running_var).norm()
+    assert torch.allclose(hook.loss(), expected, atol=1e-5)
+    hook.update_momentum()  # average becomes m * stats1 + (1 - m) * stats2
+    model(x3)
+    mean3, var3 = stats(x3)
+    avg_mean, avg_var = m * mean1 + (1 - m) * mean2, m * var1 + (1 - m) * var2
+    expected = (((1 - m) * mean3 + m * avg_mean) - model.bn.running_mean).norm() + (
+        ((1 - m) * var3 + m * avg_var) - model.bn.running_var).norm()
+    assert torch.allclose(hook.loss(), expected, atol=1e-5)
+    # the averages survive a state round trip
+    other = BNStatisticsHook(model, momentum=m)
+    other.load_state_dict(hook.state_dict())
+    assert torch.allclose(other.averages[id(model.bn)][0], avg_mean, atol=1e-6)
+
+
 def test_feature_tap_by_path_and_penultimate():
     model = Tiny()
     x = torch.randn(2, 1, 4, 4)

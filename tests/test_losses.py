@@ -49,6 +49,14 @@ def test_information_entropy_loss_minimum_is_minus_log_k_for_balanced_batch():
     assert abs(losses.information_entropy_loss(collapsed).item()) < 1e-4
 
 
+def test_agreement_masked_kl_by_hand():
+    s = torch.tensor([[2.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    t = torch.tensor([[1.0, 0.5, 0.0], [3.0, 0.0, 0.0]])  # agree on sample 0 only
+    p_t, p_s = F.softmax(t[0], 0), F.softmax(s[0], 0)
+    kl0 = (p_t * (p_t.log() - p_s.log())).sum()
+    assert torch.allclose(losses.agreement_masked_kl(s, t), kl0 / 2, atol=1e-6)
+
+
 def test_js_divergence_by_hand_and_adi_competition():
     s = torch.tensor([[3.0, 0.0]])
     t = torch.tensor([[0.0, 3.0]])

@@ -139,9 +139,54 @@ def test_augment_batch_keeps_shape_and_range():
     assert not torch.equal(x, y)
 
 
-@pytest.mark.parametrize("name", ["dafl", "deepinversion", "zskt", "dfad"])
+def test_fast_meta_round_fills_bank_and_moves_meta_generator(bn_teacher, student):
+    synth = make("fast", bn_teacher, ngf=8, nz=16, synthesis_batch_size=32, batch_size=8, warmup_rounds=2,
+                 bn_weight=1.0, oh_weight=1.0)
+    before = [p.detach().clone() for p in synth.generator.parameters()]
+    terms = synth.synthesize(student)
+    # the first call runs the warm-up rounds (no adversarial term) and then one round with it
+    assert synth.rounds == 3 and len(synth.pool) == 96 and synth.images_synthesized == 96
+    assert set(terms) == {"inv_oh", "inv_bn", "inv_adv"}
+    assert any(not torch.equal(a, b) for a, b in zip(before, synth.generator.parameters()))
+    assert student.training and all(p.requires_grad for p in student.parameters())
+    batch = synth.sample()
+    assert batch.images.shape == (8, *SHAPE) and 0 <= batch.images.min() and batch.images.max() <= 1
+
+
+def test_fast_meta_generator_learns_to_lower_the_inversion_loss(bn_teacher, student):
+    """After meta-training, the *unadapted* meta generator already scores better on the
+    inversion loss (BN statistics + one-hot) than it did at initialisation."""
+    synth = make("fast", bn_teacher, ngf=8, nz=16, synthesis_batch_size=64, warmup_rounds=0, adv_weight=0.0,
+                 bn_momentum=0.0, lr=0.02, bn_weight=1.0, oh_weight=1.0)
+
+    def loss_of_meta_generator():
+        torch.manual_seed(5)
+        z = torch.randn(64, 16)
+        targets = torch.arange(64) % 10
+        with torch.no_grad():
+            images = synth.generator.train()(z)
+            return synth.weighted_total(synth.inversion_terms(images, targets, student, adversarial=False)).item()
+
+    start = loss_of_meta_generator()
+    for _ in range(25):
+        synth.synthesize(student)
+    assert loss_of_meta_generator() < start
+
+
+def test_fast_refuses_teacher_without_batchnorm(student):
+    from teachers import build_model, freeze
+
+    plain = freeze(build_model("lenet5", 10, 1, 32, (0.3,), (0.35,)))
+    with pytest.raises(SynthesizerOptionError, match="bn_weight=0"):
+        make("fast", plain)
+    make("fast", plain, bn_weight=0.0, ngf=8)
+
+
+@pytest.mark.parametrize("name", ["dafl", "deepinversion", "zskt", "dfad", "fast"])
 def test_state_dict_round_trip(name, bn_teacher, student):
     kw = {"ngf": 8, "batch_size": 16} if name != "deepinversion" else {"iterations": 2, "synthesis_batch_size": 8, "batch_size": 4}
+    if name == "fast":
+        kw.update(synthesis_batch_size=8, warmup_rounds=1)
     a = make(name, bn_teacher, **kw)
     a.attach_student(student)
     a.synthesize(student)

@@ -1,0 +1,217 @@
+"""Fast data-free distillation with a meta-learned generator ("Fast", Fang et al., AAAI 2022,
+arXiv:2112.06253, "Up to 100x Faster Data-free Knowledge Distillation")."""
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+
+from dfkd.hooks import BNStatisticsHook
+from dfkd.losses import agreement_masked_kl
+from generators.base import (
+    ImagePool,
+    Synthesizer,
+    SynthesizerOptionError,
+    SyntheticBatch,
+    augment_batch,
+    mix_batch,
+    register_synthesizer,
+)
+from generators.networks import DCGANGenerator
+
+
+@register_synthesizer("fast")
+class Fast(Synthesizer):
+    """Fast: a *meta* generator whose weights are a good starting point for inverting any new
+    batch, so each batch needs only a few (``iterations``, Fast-2/5/10) optimisation steps
+    instead of DeepInversion's thousands; everything synthesized is kept in a memory bank.
+
+    One synthesis round (paper Alg. 1, official ``fast_meta``):
+
+    1. clone the meta generator ``G_theta`` into ``G_phi``; draw ``z ~ N(0, I)`` (a parameter)
+       and random targets ``y``;
+    2. for ``iterations`` steps minimise, over ``phi`` (Adam, ``lr``) and ``z`` (``lr_z``),
+       betas (0.5, 0.999)::
+
+           L = w_bn * sum_l ||mu_l~ - mu_l^BN||_2 + ||s2_l~ - s2_l^BN||_2     (BN statistics)
+             + w_oh * CE(f_T(A(x)), y)                                       (one-hot)
+             - w_adv * mean_i 1[argmax S = argmax T] KL(p_T || p_S)(A(x))   (adversarial)
+
+       with ``x = G_phi(z)`` in ``[0,1]``, ``A`` a random crop (zero padding ``crop_pad``)
+       and flip, and ``mu~``/``s2~`` the batch statistics blended with the earlier rounds'
+       (``bn_momentum``, see :class:`dfkd.hooks.BNStatisticsHook`). The adversarial term is
+       off during the first ``warmup_rounds`` rounds;
+    3. meta update (first-order MAML): ``theta <- Adam(theta, sum_k grad_phi L_k)`` with
+       lr ``lr * iterations``, betas (0.5, 0.999);
+    4. the images of the lowest-loss step go into the memory bank.
+
+    The student then takes ``student_steps_per_round`` KD steps (``T^2 KL`` at temperature
+    ``temperature``) on random, augmented bank images relabelled by the teacher. Before the
+    first student step, ``warmup_rounds`` rounds fill the bank (the paper's warm-up epochs).
+    The bank keeps everything the official schedule makes (220 rounds x 256 = 56,320 images).
+
+    Defaults are the official CIFAR Fast-2 run (``--g_steps 2 --lr_g 5e-3 --lr_z 0.015
+    --bn 10 --oh 0.4 --adv 1.1 --bn_mmt 0.9 --T 20 --warmup 20``, synthesis batch 256,
+    generator ``nz=256, ngf=64``, student SGD lr 0.2, wd 1e-4, cosine). The official scripts'
+    ``reset_l0`` (re-initialising the first layer after 120 epochs) is not implemented.
+
+    Extension (off by default, not in the paper): ``student_mixup`` as in
+    :class:`generators.deepinversion.DeepInversion`.
+    """
+
+    defaults = {
+        "nz": 256,
+        "ngf": 64,
+        "synthesis_batch_size": 256,
+        "iterations": 2,
+        "lr": 5e-3,
+        "lr_z": 0.015,
+        "bn_weight": 10.0,
+        "oh_weight": 0.4,
+        "adv_weight": 1.1,
+        "bn_momentum": 0.9,
+        "warmup_rounds": 20,
+        "crop_pad": 4,
+        "flip": True,
+        "meta": True,
+        "pool_size": 60000,
+        "student_augment": True,
+        "student_mixup": 0.0,
+        "batch_size": 256,
+        "temperature": 20.0,
+        "student_optimizer": "sgd",
+        "student_lr": 0.2,
+        "student_weight_decay": 1e-4,
+        "student_schedule": "cosine",
+        "student_steps_per_round": 400,
+    }
+
+    def __init__(self, teacher, image_shape, num_classes, device="cpu", seed=0, **options):
+        super().__init__(teacher, image_shape, num_classes, device, seed, **options)
+        o = self.options
+        if o["iterations"] < 1:
+            raise SynthesizerOptionError("fast: iterations must be at least 1")
+        self.bn_hook = BNStatisticsHook(teacher, momentum=o["bn_momentum"])
+        if len(self.bn_hook) == 0 and o["bn_weight"] != 0:
+            self.bn_hook.close()
+            raise SynthesizerOptionError(
+                "fast: the teacher has no BatchNorm layers, so the BN-statistics term has nothing to match. "
+                "Use a teacher with BatchNorm (e.g. lenet5_bn) or drop the term explicitly with bn_weight=0."
+            )
+        torch.manual_seed(seed)
+        self.generator = DCGANGenerator(o["nz"], self.image_shape, o["ngf"], output="sigmoid").to(self.device)
+        self.meta_optimizer = torch.optim.Adam(self.generator.parameters(), lr=o["lr"] * o["iterations"], betas=(0.5, 0.999))
+        self.pool = ImagePool(o["pool_size"])
+        self.rounds = 0
+
+    # -- synthesis -------------------------------------------------------------------------
+    def inversion_terms(self, images, targets, student, adversarial: bool) -> dict[str, torch.Tensor]:
+        """Named, unweighted terms of the inversion loss for generated ``images``."""
+        o = self.options
+        seen = augment_batch(images, pad=o["crop_pad"], flip=o["flip"])
+        self.bn_hook.reset()
+        with self.autocast():
+            teacher_logits = self.teacher(seen).float()
+        terms = {"oh": F.cross_entropy(teacher_logits, targets)}
+        terms["bn"] = self.bn_hook.loss() if len(self.bn_hook) else teacher_logits.new_zeros(())
+        if adversarial:
+            with self.autocast():
+                student_logits = student(seen).float()
+            terms["adv"] = -agreement_masked_kl(student_logits, teacher_logits)
+        return terms
+
+    def weighted_total(self, terms: dict[str, torch.Tensor]) -> torch.Tensor:
+        o = self.options
+        weights = {"oh": o["oh_weight"], "bn": o["bn_weight"], "adv": o["adv_weight"]}
+        return sum(weights[name] * value for name, value in terms.items())
+
+    def synthesis_round(self, student, adversarial: bool) -> dict[str, torch.Tensor]:
+        o = self.options
+        n = o["synthesis_batch_size"]
+        targets = torch.randint(0, self.num_classes, (n,), generator=self.rng).to(self.device)
+        z = torch.randn(n, o["nz"], generator=self.rng).to(self.device).requires_grad_(True)
+        fast = copy.deepcopy(self.generator).train()
+        optimizer = torch.optim.Adam(
+            [{"params": fast.parameters()}, {"params": [z], "lr": o["lr_z"]}], lr=o["lr"], betas=(0.5, 0.999)
+        )
+        meta_grads = [torch.zeros_like(p) for p in self.generator.parameters()]
+        best_loss, best_images = None, None
+        for _ in range(o["iterations"]):
+            images = fast(z)
+            terms = self.inversion_terms(images, targets, student, adversarial)
+            total = self.weighted_total(terms)
+            # keep the lowest-loss batch without a host sync
+            if best_loss is None:
+                best_loss, best_images = total.detach(), images.detach()
+            else:
+                better = total.detach() < best_loss
+                best_images = torch.where(better, images.detach(), best_images)
+                best_loss = torch.minimum(best_loss, total.detach())
+            optimizer.zero_grad(set_to_none=True)
+            total.backward()
+            for acc, p in zip(meta_grads, fast.parameters()):
+                if p.grad is not None:
+                    acc.add_(p.grad)
+            optimizer.step()
+        if o["meta"]:
+            self.meta_optimizer.zero_grad(set_to_none=True)
+            for p, g in zip(self.generator.parameters(), meta_grads):
+                p.grad = g
+            self.meta_optimizer.step()
+        else:  # plain generator training: keep the adapted weights
+            self.generator.load_state_dict(fast.state_dict())
+        self.bn_hook.update_momentum()
+        self.pool.add(best_images.clamp(0, 1))
+        self.images_synthesized += n
+        self.rounds += 1
+        return {f"inv_{k}": v.detach() for k, v in terms.items()}
+
+    def synthesize(self, student):
+        was_training = student.training
+        student.eval()
+        student.requires_grad_(False)
+        try:
+            while self.rounds < self.options["warmup_rounds"]:
+                self.synthesis_round(student, adversarial=False)
+            terms = self.synthesis_round(student, adversarial=self.options["adv_weight"] > 0)
+        finally:
+            student.requires_grad_(True)
+            student.train(was_training)
+        return terms
+
+    # -- student side ----------------------------------------------------------------------
+    def sample(self):
+        images = self.pool.sample(self.batch_size, self.rng)
+        if self.options["student_augment"]:
+            images = augment_batch(images, pad=self.options["crop_pad"], flip=self.options["flip"])
+        if self.options["student_mixup"] > 0:
+            images = mix_batch(images, self.options["student_mixup"])
+        return SyntheticBatch(images)
+
+    def preview(self, n):
+        if len(self.pool) == 0:
+            with torch.no_grad():
+                z = torch.randn(n, self.options["nz"], generator=self.rng).to(self.device)
+                return self.generator.eval()(z).clamp(0, 1)
+        return self.pool.sample(n, self.rng)
+
+    # -- checkpoints -----------------------------------------------------------------------
+    def state_dict(self):
+        state = super().state_dict()
+        state.update(
+            generator=self.generator.state_dict(),
+            meta_optimizer=self.meta_optimizer.state_dict(),
+            pool=self.pool.state_dict(),
+            bn_averages=self.bn_hook.state_dict(),
+            rounds=self.rounds,
+        )
+        return state
+
+    def load_state_dict(self, state):
+        super().load_state_dict(state)
+        self.generator.load_state_dict(state["generator"])
+        self.meta_optimizer.load_state_dict(state["meta_optimizer"])
+        self.pool.load_state_dict(state["pool"], self.device)
+        self.bn_hook.load_state_dict(state["bn_averages"], self.device)
+        self.rounds = int(state["rounds"])
