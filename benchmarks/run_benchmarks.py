@@ -31,6 +31,17 @@ RESULTS = ROOT / "benchmarks" / "results"
 RUNS = ROOT / "benchmarks" / "runs"
 TEACHER = RUNS / "teachers" / "fm_lenet5_bn_seed0.pt"
 TEACHER_PLAIN = RUNS / "teachers" / "fm_lenet5_seed0.pt"
+ZOO_DIR = RUNS / "zoo"
+
+# Teacher zoos of the amalgamation scenarios: member name -> dfkd train-teacher arguments
+# (seed 0). Scenario (a): two teachers on disjoint halves; (b): three teachers of three
+# architectures whose class sets overlap (a's two plus a LeNet-5-half-BN on classes 2-7).
+ZOO_MEMBERS = {
+    "lenet5_bn_0-4": "--arch lenet5_bn --classes 0-4 --epochs 15",
+    "resnet8_5-9": "--arch resnet8 --classes 5-9 --epochs 10",
+    "lenet5_half_bn_2-7": "--arch lenet5_half_bn --classes 2-7 --epochs 9",
+}
+ZOOS = {"a": ["lenet5_bn_0-4", "resnet8_5-9"], "b": ["lenet5_bn_0-4", "resnet8_5-9", "lenet5_half_bn_2-7"]}
 
 # Published numbers quoted beside ours (final column of the table).
 PUBLISHED = {
@@ -43,6 +54,8 @@ PUBLISHED = {
 
 # row -> (description, dfkd arguments without --seed/--out). {teacher} is filled in.
 DISTILL = "distill --teacher {teacher} --student lenet5_half --quiet"
+AMALGAMATE = ("amalgamate --zoo {{zoo_dir}}/zoo_{zoo}.yaml --student lenet5_half --quiet"
+              " --config configs/fashion-mnist/amalgamate-{recipe}.yaml")
 ROWS: dict[str, tuple[str, str]] = {
     "teacher": ("teacher lenet5_bn, labels, real data (15 epochs)",
                 "train-teacher --dataset fashion-mnist --arch lenet5_bn --epochs 15 --quiet"),
@@ -64,7 +77,20 @@ ROWS: dict[str, tuple[str, str]] = {
     "dfad": ("DFAD (CPU budget recipe)", DISTILL + " --config configs/fashion-mnist/bench-dfad.yaml"),
     "dfad-plain": ("DFAD, teacher lenet5 (no BN)", DISTILL.replace("{teacher}", "{teacher_plain}")
                    + " --config configs/fashion-mnist/bench-dfad.yaml"),
+    "fast": ("Fast (CPU budget recipe)", DISTILL + " --config configs/fashion-mnist/bench-fast.yaml"),
     "best": ("best data-free recipe (configs/fashion-mnist/best.yaml)", DISTILL + " --config configs/fashion-mnist/best.yaml"),
+    "amal-a": ("amalgamation (a): lenet5_bn 0-4 + resnet8 5-9, data-free (Fast), concat",
+               AMALGAMATE.format(zoo="a", recipe="fast") + " --combine concat"),
+    "amal-a-real": ("amalgamation (a) on real unlabeled images, concat",
+                    AMALGAMATE.format(zoo="a", recipe="real") + " --combine concat --dataset fashion-mnist"),
+    "amal-b": ("amalgamation (b): + lenet5_half_bn 2-7 (overlapping), data-free (Fast), uhc",
+               AMALGAMATE.format(zoo="b", recipe="fast") + " --combine uhc"),
+    "amal-b-real": ("amalgamation (b) on real unlabeled images, uhc",
+                    AMALGAMATE.format(zoo="b", recipe="real") + " --combine uhc --dataset fashion-mnist"),
+    "amal-single": ("reference: the amalgamation recipe with the single 10-class teacher, data-free",
+                    DISTILL + " --config configs/fashion-mnist/amalgamate-fast.yaml"),
+    "amal-single-real": ("reference: the amalgamation recipe with the single 10-class teacher, real images",
+                         DISTILL + " --config configs/fashion-mnist/amalgamate-real.yaml"),
 }
 
 
@@ -76,7 +102,7 @@ def run_one(row: str, seed: int) -> dict:
     """Run one row for one seed in a subprocess; return (and store) its record."""
     description, template = ROWS[row]
     out = RUNS / row / f"seed{seed}"
-    args = template.format(teacher=TEACHER, teacher_plain=TEACHER_PLAIN)
+    args = template.format(teacher=TEACHER, teacher_plain=TEACHER_PLAIN, zoo_dir=ZOO_DIR)
     if args.startswith("train-teacher"):
         args += f" --seed {seed} --out {out}.pt"
     else:
@@ -139,6 +165,30 @@ def ensure_teachers(jobs: int, rows) -> None:
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         for (row, path) in needed:
             pool.submit(_train_teacher_into, row, path)
+
+
+def ensure_zoos(rows) -> None:
+    """Train the zoo members the requested amalgamation rows need (one at a time, with
+    ``dfkd train-teacher``) and write each scenario's manifest with ``dfkd zoo build``."""
+    scenarios = [row.split("-")[1] for row in rows if row.startswith("amal-")]
+    wanted = sorted({name for name in scenarios if name in ZOOS})
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), MPLBACKEND="Agg")
+    for zoo in wanted:
+        folder = ZOO_DIR / zoo
+        folder.mkdir(parents=True, exist_ok=True)
+        for member in ZOOS[zoo]:
+            checkpoint = ZOO_DIR / "teachers" / f"{member}.pt"
+            if not checkpoint.exists():
+                checkpoint.parent.mkdir(parents=True, exist_ok=True)
+                args = f"train-teacher --dataset fashion-mnist --seed 0 --quiet {ZOO_MEMBERS[member]} --out {checkpoint}"
+                print(f"[zoo {zoo}] dfkd {args}", flush=True)
+                subprocess.run(dfkd_command(args), cwd=ROOT, env=env, check=True)
+            target = folder / checkpoint.name
+            if not target.exists():
+                import shutil
+
+                shutil.copyfile(checkpoint, target)
+        subprocess.run(dfkd_command(f"zoo build {folder} --out {ZOO_DIR / f'zoo_{zoo}.yaml'}"), cwd=ROOT, env=env, check=True)
 
 
 def _train_teacher_into(row: str, path: Path) -> None:
@@ -234,6 +284,7 @@ def main(argv=None) -> int:
     if not args.report_only:
         started = time.perf_counter()
         ensure_teachers(args.jobs, args.rows)
+        ensure_zoos(args.rows)
         todo = [(row, seed) for row in args.rows for seed in args.seeds
                 if not (row in ("teacher", "teacher-plain") and seed == 0 and (RESULTS / row / "seed0.json").exists())]
         with ThreadPoolExecutor(max_workers=args.jobs) as pool:

@@ -33,6 +33,8 @@ CASES = {
                        "student_steps_per_round": 40, "batch_size": 128, "student_lr": 0.05}, 400, 0.40),
     "zskt": ({"batch_size": 64, "ngf": 16}, 300, 0.20),
     "dfad": ({"batch_size": 64, "ngf": 16, "student_lr": 0.05}, 300, 0.20),
+    "fast": ({"ngf": 8, "synthesis_batch_size": 128, "batch_size": 128, "student_steps_per_round": 10,
+              "temperature": 1.0, "student_lr": 0.05, "warmup_rounds": 5}, 300, 0.60),  # measured 0.93
 }
 
 
