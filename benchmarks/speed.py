@@ -33,6 +33,7 @@ RECIPES = {
     "deepinversion-adi": "bench-deepinversion-adi.yaml",
     "zskt": "bench-zskt.yaml",
     "dfad": "bench-dfad.yaml",
+    "fast": "bench-fast.yaml",
 }
 
 

@@ -7,6 +7,7 @@ model itself, so stock torchvision models work unchanged.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Iterable
 
 import torch
@@ -107,6 +108,12 @@ class BNStatisticsHook:
     (:func:`dfkd.losses.bn_statistics_loss`). ``loss()`` returns the sum over layers of the
     last forward pass; ``layer_losses`` the per-layer terms.
 
+    Per-sample masks (:meth:`set_sample_masks`, an extension for teacher *ensembles*): a
+    member trained on classes ``C_t`` keeps BN statistics of images of ``C_t`` only, so its
+    layers are matched on the images whose target class is in ``C_t`` (masked mean and
+    biased variance), not on the whole batch, which also holds the other members' classes
+    (:func:`member_sample_masks`). A layer whose mask is empty adds nothing.
+
     ``momentum = m > 0`` (Fast, Fang et al., AAAI 2022, official ``bn_mmt=0.9``): the batch
     statistics are first blended with an exponential average of earlier *synthesis rounds'*
     statistics, ``mu~ = (1-m) mu(x) + m mu_avg`` (same for the variance), so that the
@@ -120,23 +127,57 @@ class BNStatisticsHook:
         self.momentum = float(momentum)
         self.averages: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._last: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.sample_masks: dict[int, torch.Tensor] = {}
+        self.enabled = True  # False: forward passes outside capture() cost nothing
         self._handles = [m.register_forward_hook(self._hook) for m in self.bn_layers]
 
     def __len__(self) -> int:
         return len(self.bn_layers)
 
     def _hook(self, module, inputs, output):
+        if not self.enabled:
+            return
         x = inputs[0].float()
-        dims = [0] + list(range(2, x.dim()))
-        var, mean = torch.var_mean(x, dim=dims, unbiased=False)
         key = id(module)
+        dims = [0] + list(range(2, x.dim()))
+        mask = self.sample_masks.get(key)
+        present = None
+        if mask is None:
+            var, mean = torch.var_mean(x, dim=dims, unbiased=False)
+        else:  # statistics over the masked samples only (no host sync when the mask is empty)
+            weight = mask.to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
+            count = weight.sum() * (x[0, 0].numel() if x.dim() > 2 else 1)
+            present = (count > 0).to(x.dtype)
+            count = count.clamp_min(1.0)
+            mean = (x * weight).sum(dims) / count
+            shape = [1, -1] + [1] * (x.dim() - 2)
+            var = (((x - mean.view(shape)) ** 2) * weight).sum(dims) / count
         if self.momentum > 0:
             self._last[key] = (mean.detach(), var.detach())
             if key in self.averages:
                 avg_mean, avg_var = self.averages[key]
                 mean = (1 - self.momentum) * mean + self.momentum * avg_mean
                 var = (1 - self.momentum) * var + self.momentum * avg_var
-        self.layer_losses.append(bn_statistics_loss(mean, var, module.running_mean.float(), module.running_var.float()))
+        loss = bn_statistics_loss(mean, var, module.running_mean.float(), module.running_var.float())
+        self.layer_losses.append(loss if present is None else loss * present)
+
+    def set_sample_masks(self, masks: dict[int, torch.Tensor] | None) -> None:
+        """Per-layer boolean sample masks, keyed by ``id(bn_layer)`` (``None``: whole batch)."""
+        self.sample_masks = dict(masks or {})
+
+    @contextlib.contextmanager
+    def capture(self, masks: dict[int, torch.Tensor] | None = None):
+        """Record the statistics of the forward passes inside the block only (with optional
+        sample masks); synthesizers set ``enabled = False`` so that the teacher's other
+        forward passes (relabelling student batches) skip the statistics."""
+        was_enabled, self.enabled = self.enabled, True
+        self.reset()
+        self.set_sample_masks(masks)
+        try:
+            yield self
+        finally:
+            self.enabled = was_enabled
+            self.sample_masks = {}
 
     def update_momentum(self) -> None:
         """Fold the statistics of the last forward pass into the running averages."""
@@ -173,3 +214,21 @@ class BNStatisticsHook:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+
+
+def member_sample_masks(teacher: nn.Module, targets: torch.Tensor) -> dict[int, torch.Tensor] | None:
+    """For a :class:`dfkd.ensemble.TeacherEnsemble`, the sample masks of
+    :meth:`BNStatisticsHook.set_sample_masks`: each BatchNorm layer of member ``t`` gets
+    ``target in C_t``. ``None`` for a single teacher (every layer sees the whole batch)."""
+    members = getattr(teacher, "members", None)
+    if members is None or not hasattr(teacher, "index"):
+        return None
+    masks = {}
+    for i, member in enumerate(members):
+        known = torch.zeros(teacher.num_classes, dtype=torch.bool, device=targets.device)
+        known[teacher.index(i).to(targets.device)] = True
+        mask = known[targets]
+        for module in member.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                masks[id(module)] = mask
+    return masks

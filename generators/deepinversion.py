@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from dfkd.hooks import BNStatisticsHook
+from dfkd.hooks import BNStatisticsHook, member_sample_masks
 from dfkd.losses import adi_competition_loss, l2_prior, total_variation_l1, total_variation_l2
 from generators.base import (
     ImagePool,
@@ -48,6 +48,11 @@ class DeepInversion(Synthesizer):
     ``lam ~ Beta(alpha, alpha)`` per sample (Zhang et al., ICLR 2018). The teacher labels the
     mixed image itself, so the mixture is a new, valid KD input between two synthesized
     ones; it multiplies what each expensive inversion buys.
+
+    Extension for teacher ensembles (on by default; nothing changes for one teacher):
+    ``ensemble_bn_by_target`` matches each member's BN statistics on the images targeted at
+    its own classes only (:func:`dfkd.hooks.member_sample_masks`): a member trained on
+    classes 0-4 holds the statistics of those images, not of the whole union's.
     """
 
     defaults = {
@@ -65,6 +70,7 @@ class DeepInversion(Synthesizer):
         "adi_weight": 0.2,
         "adi_temperature": 3.0,
         "pool_size": 20000,
+        "ensemble_bn_by_target": True,
         "student_augment": True,
         "student_mixup": 0.0,
         "batch_size": 256,
@@ -80,6 +86,7 @@ class DeepInversion(Synthesizer):
         super().__init__(teacher, image_shape, num_classes, device, seed, **options)
         o = self.options
         self.bn_hook = BNStatisticsHook(teacher)
+        self.bn_hook.enabled = False  # statistics only inside objective()
         if len(self.bn_hook) == 0 and o["bn_weight"] != 0:
             self.bn_hook.close()
             raise SynthesizerOptionError(
@@ -108,8 +115,8 @@ class DeepInversion(Synthesizer):
         """Named, unweighted terms of the inversion objective for parameters ``v``."""
         o = self.options
         x = random_jitter_flip(self.to_pixels(v), o["jitter"], o["flip"], self.rng)
-        self.bn_hook.reset()
-        with self.autocast():
+        masks = member_sample_masks(self.teacher, targets) if o["ensemble_bn_by_target"] else None
+        with self.bn_hook.capture(masks), self.autocast():
             logits = self.teacher(x).float()
         terms = {"ce": F.cross_entropy(logits, targets)}
         terms["bn"] = self.bn_hook.loss() if len(self.bn_hook) else logits.new_zeros(())

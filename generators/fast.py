@@ -7,7 +7,7 @@ import copy
 import torch
 import torch.nn.functional as F
 
-from dfkd.hooks import BNStatisticsHook
+from dfkd.hooks import BNStatisticsHook, member_sample_masks
 from dfkd.losses import agreement_masked_kl
 from generators.base import (
     ImagePool,
@@ -56,8 +56,10 @@ class Fast(Synthesizer):
     generator ``nz=256, ngf=64``, student SGD lr 0.2, wd 1e-4, cosine). The official scripts'
     ``reset_l0`` (re-initialising the first layer after 120 epochs) is not implemented.
 
-    Extension (off by default, not in the paper): ``student_mixup`` as in
-    :class:`generators.deepinversion.DeepInversion`.
+    Extensions (not in the paper): ``student_mixup`` (off by default) as in
+    :class:`generators.deepinversion.DeepInversion`; with a teacher ensemble,
+    ``ensemble_bn_by_target`` (on by default) matches each member's BN statistics on the
+    images targeted at its own classes (:func:`dfkd.hooks.member_sample_masks`).
     """
 
     defaults = {
@@ -72,6 +74,7 @@ class Fast(Synthesizer):
         "adv_weight": 1.1,
         "bn_momentum": 0.9,
         "warmup_rounds": 20,
+        "ensemble_bn_by_target": True,
         "crop_pad": 4,
         "flip": True,
         "meta": True,
@@ -93,6 +96,7 @@ class Fast(Synthesizer):
         if o["iterations"] < 1:
             raise SynthesizerOptionError("fast: iterations must be at least 1")
         self.bn_hook = BNStatisticsHook(teacher, momentum=o["bn_momentum"])
+        self.bn_hook.enabled = False  # statistics only inside inversion_terms()
         if len(self.bn_hook) == 0 and o["bn_weight"] != 0:
             self.bn_hook.close()
             raise SynthesizerOptionError(
@@ -110,8 +114,8 @@ class Fast(Synthesizer):
         """Named, unweighted terms of the inversion loss for generated ``images``."""
         o = self.options
         seen = augment_batch(images, pad=o["crop_pad"], flip=o["flip"])
-        self.bn_hook.reset()
-        with self.autocast():
+        masks = member_sample_masks(self.teacher, targets) if o["ensemble_bn_by_target"] else None
+        with self.bn_hook.capture(masks), self.autocast():
             teacher_logits = self.teacher(seen).float()
         terms = {"oh": F.cross_entropy(teacher_logits, targets)}
         terms["bn"] = self.bn_hook.loss() if len(self.bn_hook) else teacher_logits.new_zeros(())

@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 from dfkd.ensemble import EnsembleError, TeacherEnsemble
-from dfkd.hooks import BNStatisticsHook, penultimate_tap
+from dfkd.hooks import BNStatisticsHook, member_sample_masks, penultimate_tap
 from teachers import NormalizedModel, build_model, build_manifest, save_checkpoint
 
 SHAPE = (1, 32, 32)
@@ -113,6 +113,17 @@ def test_teacher_interface_for_synthesizers_and_hooks():
     hook = BNStatisticsHook(ens)
     ens(torch.rand(4, *SHAPE))
     assert len(hook.layer_losses) == 8
+    # target-aware BN matching: member b's layers see only the images targeted at 3-4
+    targets = torch.tensor([0, 4, 2, 3])
+    masks = member_sample_masks(ens, targets)
+    assert len(masks) == 8
+    for module in ens.members[0].modules():  # a: classes 0-2
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            assert masks[id(module)].tolist() == [True, False, True, False]
+    for module in ens.members[1].modules():  # b: classes 3-4
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            assert masks[id(module)].tolist() == [False, True, False, True]
+    assert member_sample_masks(ens.members[0], targets) is None
     hook.close()
     meta = ens.meta()
     assert meta["classes"] == [0, 1, 2, 3, 4] and meta["image_shape"] == [1, 32, 32]

@@ -39,6 +39,23 @@ def test_bn_hook_reproduces_statistics_by_hand():
     assert hook.layer_losses == []
 
 
+def test_bn_hook_sample_masks_use_only_the_masked_images():
+    torch.manual_seed(0)
+    model = Tiny().eval()
+    x = torch.randn(5, 1, 5, 5)
+    hook = BNStatisticsHook(model)
+    keep = torch.tensor([True, False, True, True, False])
+    hook.set_sample_masks({id(model.bn): keep})
+    model(x)
+    got = hook.loss()
+    hook.set_sample_masks(None)
+    model(x[keep])
+    assert torch.allclose(got, hook.loss(), atol=1e-5)  # same as the loss on the kept images alone
+    hook.set_sample_masks({id(model.bn): torch.zeros(5, dtype=torch.bool)})
+    model(x)
+    assert hook.loss().item() == 0.0  # a layer with no image of its classes adds nothing
+
+
 def test_bn_hook_momentum_blends_earlier_rounds_by_hand():
     torch.manual_seed(0)
     model = Tiny().eval()
