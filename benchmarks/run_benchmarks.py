@@ -71,6 +71,8 @@ ROWS: dict[str, tuple[str, str]] = {
     "deepinversion": ("DeepInversion (CPU budget recipe)", DISTILL + " --config configs/fashion-mnist/bench-deepinversion.yaml"),
     "deepinversion-adi": ("DeepInversion + ADI (CPU budget recipe)",
                           DISTILL + " --config configs/fashion-mnist/bench-deepinversion-adi.yaml"),
+    "deepinversion-adi-tv": ("DeepInversion + ADI + TV-l2 2e-2 + mixup (the first session's best recipe)",
+                             DISTILL + " --config configs/fashion-mnist/bench-deepinversion-adi-tv.yaml"),
     "zskt": ("ZSKT (CPU budget recipe)", DISTILL + " --config configs/fashion-mnist/bench-zskt.yaml"),
     "zskt-plain": ("ZSKT, teacher lenet5 (no BN)", DISTILL.replace("{teacher}", "{teacher_plain}")
                    + " --config configs/fashion-mnist/bench-zskt.yaml"),

@@ -400,10 +400,9 @@ def cmd_plot(args) -> int:
 
 # ----------------------------------------------------------------------------- demo
 # The demo's distillation recipe: configs/fashion-mnist/best.yaml's method, sized for digits.
-DEMO_RECIPE = {"method": "deepinversion", "student": "lenet5_half", "steps": 600, "eval_every": 200,
-               "options": {"adi": True, "iterations": 100, "lr": 0.25, "bn_weight": 1.0, "tv_l2_weight": 0.02,
-                           "synthesis_batch_size": 128, "student_steps_per_round": 40, "batch_size": 128,
-                           "student_mixup": 1.0}}
+DEMO_RECIPE = {"method": "fast", "student": "lenet5_half", "steps": 600, "eval_every": 200,
+               "options": {"ngf": 8, "synthesis_batch_size": 128, "batch_size": 128, "student_steps_per_round": 10,
+                           "temperature": 1.0, "student_lr": 0.05, "student_weight_decay": 5e-4}}
 
 
 def cmd_demo(args) -> int:
