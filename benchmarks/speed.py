@@ -34,6 +34,7 @@ RECIPES = {
     "zskt": "bench-zskt.yaml",
     "dfad": "bench-dfad.yaml",
     "fast": "bench-fast.yaml",
+    "best": "best.yaml",
 }
 
 

@@ -57,9 +57,12 @@ class Fast(Synthesizer):
     ``reset_l0`` (re-initialising the first layer after 120 epochs) is not implemented.
 
     Extensions (not in the paper): ``student_mixup`` (off by default) as in
-    :class:`generators.deepinversion.DeepInversion`; with a teacher ensemble,
-    ``ensemble_bn_by_target`` (on by default) matches each member's BN statistics on the
-    images targeted at its own classes (:func:`dfkd.hooks.member_sample_masks`).
+    :class:`generators.deepinversion.DeepInversion`; ``class_conditional`` (off by default):
+    the generator gets ``z + E[y]`` with a learned (meta-learned) class embedding, so the
+    one-hot term can steer each image to its target in a few steps; with a teacher
+    ensemble, ``ensemble_bn_by_target`` (on by default) matches each member's BN
+    statistics on the images targeted at its own classes (:func:`dfkd.hooks.member_sample_masks`),
+    which only separates the members' images when the generator is class-conditional.
     """
 
     defaults = {
@@ -75,6 +78,7 @@ class Fast(Synthesizer):
         "bn_momentum": 0.9,
         "warmup_rounds": 20,
         "ensemble_bn_by_target": True,
+        "class_conditional": False,
         "crop_pad": 4,
         "flip": True,
         "meta": True,
@@ -104,7 +108,8 @@ class Fast(Synthesizer):
                 "Use a teacher with BatchNorm (e.g. lenet5_bn) or drop the term explicitly with bn_weight=0."
             )
         torch.manual_seed(seed)
-        self.generator = DCGANGenerator(o["nz"], self.image_shape, o["ngf"], output="sigmoid").to(self.device)
+        self.generator = DCGANGenerator(o["nz"], self.image_shape, o["ngf"], output="sigmoid",
+                                        num_classes=self.num_classes if o["class_conditional"] else 0).to(self.device)
         self.meta_optimizer = torch.optim.Adam(self.generator.parameters(), lr=o["lr"] * o["iterations"], betas=(0.5, 0.999))
         self.pool = ImagePool(o["pool_size"])
         self.rounds = 0
@@ -142,7 +147,7 @@ class Fast(Synthesizer):
         meta_grads = [torch.zeros_like(p) for p in self.generator.parameters()]
         best_loss, best_images = None, None
         for _ in range(o["iterations"]):
-            images = fast(z)
+            images = fast(z, targets if o["class_conditional"] else None)
             terms = self.inversion_terms(images, targets, student, adversarial)
             total = self.weighted_total(terms)
             # keep the lowest-loss batch without a host sync
@@ -197,7 +202,8 @@ class Fast(Synthesizer):
         if len(self.pool) == 0:
             with torch.no_grad():
                 z = torch.randn(n, self.options["nz"], generator=self.rng).to(self.device)
-                return self.generator.eval()(z).clamp(0, 1)
+                labels = (torch.arange(n) % self.num_classes).to(self.device) if self.options["class_conditional"] else None
+                return self.generator.eval()(z, labels).clamp(0, 1)
         return self.pool.sample(n, self.rng)
 
     # -- checkpoints -----------------------------------------------------------------------

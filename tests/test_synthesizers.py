@@ -173,6 +173,22 @@ def test_fast_meta_generator_learns_to_lower_the_inversion_loss(bn_teacher, stud
     assert loss_of_meta_generator() < start
 
 
+def test_fast_class_conditional_generator_uses_the_targets(bn_teacher, student):
+    synth = make("fast", bn_teacher, ngf=8, nz=16, synthesis_batch_size=16, batch_size=8, warmup_rounds=1,
+                 class_conditional=True)
+    g = synth.generator.eval()
+    z = torch.randn(4, 16)
+    with torch.no_grad():
+        a, b = g(z, torch.tensor([0, 0, 0, 0])), g(z, torch.tensor([3, 3, 3, 3]))
+    assert not torch.allclose(a, b)  # the label moves the image
+    with pytest.raises(ValueError, match="labels"):
+        g(z)
+    before = synth.generator.label_embedding.weight.detach().clone()
+    synth.synthesize(student)
+    assert not torch.equal(before, synth.generator.label_embedding.weight)  # meta-learned too
+    assert synth.preview(6).shape == (6, *SHAPE)
+
+
 def test_fast_refuses_teacher_without_batchnorm(student):
     from teachers import build_model, freeze
 
