@@ -49,10 +49,12 @@ class DeepInversion(Synthesizer):
     mixed image itself, so the mixture is a new, valid KD input between two synthesized
     ones; it multiplies what each expensive inversion buys.
 
-    Extension for teacher ensembles (on by default; nothing changes for one teacher):
+    Extension for teacher ensembles (off by default; nothing changes for one teacher):
     ``ensemble_bn_by_target`` matches each member's BN statistics on the images targeted at
-    its own classes only (:func:`dfkd.hooks.member_sample_masks`): a member trained on
-    classes 0-4 holds the statistics of those images, not of the whole union's.
+    its own classes only (:func:`dfkd.hooks.member_sample_masks`), since a member trained on
+    classes 0-4 holds the statistics of those images only. Measured on the digits
+    amalgamation test (two disjoint-half teachers, 120 steps): 19% with it against 60%
+    without, so the paper's whole-batch matching stays the default.
     """
 
     defaults = {
@@ -70,7 +72,7 @@ class DeepInversion(Synthesizer):
         "adi_weight": 0.2,
         "adi_temperature": 3.0,
         "pool_size": 20000,
-        "ensemble_bn_by_target": True,
+        "ensemble_bn_by_target": False,
         "student_augment": True,
         "student_mixup": 0.0,
         "batch_size": 256,

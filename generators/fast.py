@@ -60,7 +60,7 @@ class Fast(Synthesizer):
     :class:`generators.deepinversion.DeepInversion`; ``class_conditional`` (off by default):
     the generator gets ``z + E[y]`` with a learned (meta-learned) class embedding, so the
     one-hot term can steer each image to its target in a few steps; with a teacher
-    ensemble, ``ensemble_bn_by_target`` (on by default) matches each member's BN
+    ensemble, ``ensemble_bn_by_target`` (off by default) matches each member's BN
     statistics on the images targeted at its own classes (:func:`dfkd.hooks.member_sample_masks`),
     which only separates the members' images when the generator is class-conditional.
     """
@@ -77,7 +77,7 @@ class Fast(Synthesizer):
         "adv_weight": 1.1,
         "bn_momentum": 0.9,
         "warmup_rounds": 20,
-        "ensemble_bn_by_target": True,
+        "ensemble_bn_by_target": False,
         "class_conditional": False,
         "crop_pad": 4,
         "flip": True,
