@@ -25,7 +25,8 @@ from generators.networks import DCGANGenerator
 class Fast(Synthesizer):
     """Fast: a *meta* generator whose weights are a good starting point for inverting any new
     batch, so each batch needs only a few (``iterations``, Fast-2/5/10) optimisation steps
-    instead of DeepInversion's thousands; everything synthesized is kept in a memory bank.
+    instead of DeepInversion's thousands; what it synthesizes is kept in a memory bank
+    (``pool_size``, FIFO).
 
     One synthesis round (paper Alg. 1, official ``fast_meta``):
 
