@@ -19,6 +19,7 @@ import json
 import os
 import platform
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -100,6 +101,11 @@ def dfkd_command(args: str) -> list[str]:
     return [sys.executable, "-m", "dfkd", *args.split()]
 
 
+def child_env() -> dict:
+    """Environment of every ``dfkd`` subprocess: one CPU thread, this checkout, no display."""
+    return dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONPATH=str(ROOT), MPLBACKEND="Agg")
+
+
 def run_one(row: str, seed: int) -> dict:
     """Run one row for one seed in a subprocess; return (and store) its record."""
     description, template = ROWS[row]
@@ -109,7 +115,7 @@ def run_one(row: str, seed: int) -> dict:
         args += f" --seed {seed} --out {out}.pt"
     else:
         args += f" --seed {seed} --out {out} --overwrite"
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONPATH=str(ROOT), MPLBACKEND="Agg")
+    env = child_env()
     started = time.perf_counter()
     # peak RSS of this child alone: run it through a tiny wrapper that reports its own rusage
     wrapper = [sys.executable, "-c",
@@ -174,7 +180,7 @@ def ensure_zoos(rows) -> None:
     ``dfkd train-teacher``) and write each scenario's manifest with ``dfkd zoo build``."""
     scenarios = [row.split("-")[1] for row in rows if row.startswith("amal-")]
     wanted = sorted({name for name in scenarios if name in ZOOS})
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), MPLBACKEND="Agg")
+    env = child_env()
     for zoo in wanted:
         folder = ZOO_DIR / zoo
         folder.mkdir(parents=True, exist_ok=True)
@@ -187,8 +193,6 @@ def ensure_zoos(rows) -> None:
                 subprocess.run(dfkd_command(args), cwd=ROOT, env=env, check=True)
             target = folder / checkpoint.name
             if not target.exists():
-                import shutil
-
                 shutil.copyfile(checkpoint, target)
         subprocess.run(dfkd_command(f"zoo build {folder} --out {ZOO_DIR / f'zoo_{zoo}.yaml'}"), cwd=ROOT, env=env, check=True)
 
@@ -200,8 +204,6 @@ def _train_teacher_into(row: str, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         os.replace(produced, path)
         # keep a copy where the row's own seed-0 record points
-        import shutil
-
         shutil.copyfile(path, produced)
 
 

@@ -23,6 +23,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from dfkd.hooks import BNStatisticsHook
 from dfkd.losses import kd_loss
 
 _REGISTRY: dict[str, type["Synthesizer"]] = {}
@@ -80,6 +81,22 @@ def teacher_stats(teacher: nn.Module, channels: int):
     if isinstance(mean, torch.Tensor) and isinstance(std, torch.Tensor) and mean.numel() == channels:
         return mean.detach().flatten().cpu(), std.detach().flatten().cpu()
     return torch.full((channels,), 0.5), torch.full((channels,), 0.5)
+
+
+def bn_statistics_hook(teacher: nn.Module, method: str, bn_weight: float, momentum: float = 0.0) -> BNStatisticsHook:
+    """The BN-statistics hook of an inversion method, recording only inside
+    :meth:`BNStatisticsHook.capture` (the teacher's relabelling passes skip it). A teacher
+    without BatchNorm is refused unless the term is dropped (``bn_weight=0``)."""
+    hook = BNStatisticsHook(teacher, momentum=momentum)
+    hook.enabled = False
+    if len(hook) == 0 and bn_weight != 0:
+        hook.close()
+        raise SynthesizerOptionError(
+            f"{method}: the teacher has no BatchNorm layers, so the BN-statistics term has nothing to match. "
+            "Use a teacher with BatchNorm (e.g. lenet5_bn) or drop the term explicitly with bn_weight=0 "
+            "(--bn-weight 0 on the command line)."
+        )
+    return hook
 
 
 def random_jitter_flip(images: torch.Tensor, max_shift: int, flip: bool, generator: torch.Generator | None = None) -> torch.Tensor:

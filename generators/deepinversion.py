@@ -4,14 +4,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from dfkd.hooks import BNStatisticsHook, member_sample_masks
+from dfkd.hooks import member_sample_masks
 from dfkd.losses import adi_competition_loss, l2_prior, total_variation_l1, total_variation_l2
 from generators.base import (
     ImagePool,
-    SynthesizerOptionError,
     Synthesizer,
     SyntheticBatch,
     augment_batch,
+    bn_statistics_hook,
     mix_batch,
     random_jitter_flip,
     register_synthesizer,
@@ -87,15 +87,7 @@ class DeepInversion(Synthesizer):
     def __init__(self, teacher, image_shape, num_classes, device="cpu", seed=0, **options):
         super().__init__(teacher, image_shape, num_classes, device, seed, **options)
         o = self.options
-        self.bn_hook = BNStatisticsHook(teacher)
-        self.bn_hook.enabled = False  # statistics only inside objective()
-        if len(self.bn_hook) == 0 and o["bn_weight"] != 0:
-            self.bn_hook.close()
-            raise SynthesizerOptionError(
-                "deepinversion: the teacher has no BatchNorm layers, so the BN-statistics term has nothing to match. "
-                "Use a teacher with BatchNorm (e.g. lenet5_bn) or drop the term explicitly with bn_weight=0 "
-                "(--bn-weight 0 on the command line)."
-            )
+        self.bn_hook = bn_statistics_hook(teacher, "deepinversion", o["bn_weight"])
         mean, std = teacher_stats(teacher, self.image_shape[0])
         self.pixel_mean = mean.view(1, -1, 1, 1).to(self.device)
         self.pixel_std = std.view(1, -1, 1, 1).to(self.device)
@@ -113,11 +105,11 @@ class DeepInversion(Synthesizer):
     def to_pixels(self, v: torch.Tensor) -> torch.Tensor:
         return self.pixel_mean + self.pixel_std * v
 
-    def objective(self, v: torch.Tensor, targets: torch.Tensor, student) -> dict[str, torch.Tensor]:
-        """Named, unweighted terms of the inversion objective for parameters ``v``."""
+    def objective(self, v: torch.Tensor, targets: torch.Tensor, student, masks=None) -> dict[str, torch.Tensor]:
+        """Named, unweighted terms of the inversion objective for parameters ``v``; ``masks``
+        are per-member BN sample masks (``None``: BN statistics of the whole batch)."""
         o = self.options
         x = random_jitter_flip(self.to_pixels(v), o["jitter"], o["flip"], self.rng)
-        masks = member_sample_masks(self.teacher, targets) if o["ensemble_bn_by_target"] else None
         with self.bn_hook.capture(masks), self.autocast():
             logits = self.teacher(x).float()
         terms = {"ce": F.cross_entropy(logits, targets)}
@@ -143,6 +135,7 @@ class DeepInversion(Synthesizer):
         o = self.options
         n = n or o["synthesis_batch_size"]
         targets = self.sample_targets(n).to(self.device)
+        masks = member_sample_masks(self.teacher, targets) if o["ensemble_bn_by_target"] else None
         v = torch.randn((n, *self.image_shape), generator=self.rng).to(self.device).requires_grad_(True)
         optimizer = torch.optim.Adam([v], lr=o["lr"])
         low = (0.0 - self.pixel_mean) / self.pixel_std
@@ -155,7 +148,7 @@ class DeepInversion(Synthesizer):
             with torch.no_grad():
                 v.copy_(torch.max(torch.min(v, high), low))
             for _ in range(o["iterations"]):
-                terms = self.objective(v, targets, student)
+                terms = self.objective(v, targets, student, masks)
                 total = self.weighted_total(terms)
                 optimizer.zero_grad(set_to_none=True)
                 total.backward()

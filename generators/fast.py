@@ -7,7 +7,7 @@ import copy
 import torch
 import torch.nn.functional as F
 
-from dfkd.hooks import BNStatisticsHook, member_sample_masks
+from dfkd.hooks import member_sample_masks
 from dfkd.losses import agreement_masked_kl
 from generators.base import (
     ImagePool,
@@ -15,6 +15,7 @@ from generators.base import (
     SynthesizerOptionError,
     SyntheticBatch,
     augment_batch,
+    bn_statistics_hook,
     mix_batch,
     register_synthesizer,
 )
@@ -100,14 +101,7 @@ class Fast(Synthesizer):
         o = self.options
         if o["iterations"] < 1:
             raise SynthesizerOptionError("fast: iterations must be at least 1")
-        self.bn_hook = BNStatisticsHook(teacher, momentum=o["bn_momentum"])
-        self.bn_hook.enabled = False  # statistics only inside inversion_terms()
-        if len(self.bn_hook) == 0 and o["bn_weight"] != 0:
-            self.bn_hook.close()
-            raise SynthesizerOptionError(
-                "fast: the teacher has no BatchNorm layers, so the BN-statistics term has nothing to match. "
-                "Use a teacher with BatchNorm (e.g. lenet5_bn) or drop the term explicitly with bn_weight=0."
-            )
+        self.bn_hook = bn_statistics_hook(teacher, "fast", o["bn_weight"], momentum=o["bn_momentum"])
         torch.manual_seed(seed)
         self.generator = DCGANGenerator(o["nz"], self.image_shape, o["ngf"], output="sigmoid",
                                         num_classes=self.num_classes if o["class_conditional"] else 0).to(self.device)
@@ -116,11 +110,11 @@ class Fast(Synthesizer):
         self.rounds = 0
 
     # -- synthesis -------------------------------------------------------------------------
-    def inversion_terms(self, images, targets, student, adversarial: bool) -> dict[str, torch.Tensor]:
-        """Named, unweighted terms of the inversion loss for generated ``images``."""
+    def inversion_terms(self, images, targets, student, adversarial: bool, masks=None) -> dict[str, torch.Tensor]:
+        """Named, unweighted terms of the inversion loss for generated ``images``; ``masks``
+        are per-member BN sample masks (``None``: BN statistics of the whole batch)."""
         o = self.options
         seen = augment_batch(images, pad=o["crop_pad"], flip=o["flip"])
-        masks = member_sample_masks(self.teacher, targets) if o["ensemble_bn_by_target"] else None
         with self.bn_hook.capture(masks), self.autocast():
             teacher_logits = self.teacher(seen).float()
         terms = {"oh": F.cross_entropy(teacher_logits, targets)}
@@ -145,11 +139,13 @@ class Fast(Synthesizer):
         optimizer = torch.optim.Adam(
             [{"params": fast.parameters()}, {"params": [z], "lr": o["lr_z"]}], lr=o["lr"], betas=(0.5, 0.999)
         )
+        masks = member_sample_masks(self.teacher, targets) if o["ensemble_bn_by_target"] else None
+        labels = targets if o["class_conditional"] else None
         meta_grads = [torch.zeros_like(p) for p in self.generator.parameters()]
         best_loss, best_images = None, None
         for _ in range(o["iterations"]):
-            images = fast(z, targets if o["class_conditional"] else None)
-            terms = self.inversion_terms(images, targets, student, adversarial)
+            images = fast(z, labels)
+            terms = self.inversion_terms(images, targets, student, adversarial, masks)
             total = self.weighted_total(terms)
             # keep the lowest-loss batch without a host sync
             if best_loss is None:
