@@ -142,53 +142,93 @@ def mix_batch(images: torch.Tensor, alpha: float) -> torch.Tensor:
 class ImagePool:
     """A bounded memory bank of synthesized images (as DeepInversion's saved batches and
     CMI/Fast's memory banks). Policy: first-in-first-out — once ``capacity`` images are
-    held, each new batch replaces the oldest. Sampling is uniform over what is held."""
+    held, each new batch replaces the oldest.
+
+    Each image may carry a class label (e.g. the teacher's prediction when it was added).
+    Sampling is uniform over what is held, or, with ``balanced=True``, uniform over the
+    labels seen and then uniform within the drawn label (each image is weighted by
+    ``1 / count(its label)``), so that a class the generator rarely produces is not rarely
+    taught."""
 
     def __init__(self, capacity: int):
         if capacity <= 0:
             raise ValueError("pool capacity must be positive")
         self.capacity = int(capacity)
         self.images: torch.Tensor | None = None
+        self.labels: torch.Tensor | None = None
         self.cursor = 0  # next slot to overwrite once full
         self.count = 0
 
     def __len__(self) -> int:
         return self.count
 
-    def add(self, images: torch.Tensor) -> None:
-        images = images.detach()
-        if images.shape[0] > self.capacity:
-            images = images[-self.capacity :]
-        if self.images is None:
-            self.images = torch.empty((self.capacity, *images.shape[1:]), dtype=images.dtype, device=images.device)
-        n = images.shape[0]
-        end = self.cursor + n
+    def _write(self, store: torch.Tensor, values: torch.Tensor) -> None:
+        n, end = values.shape[0], self.cursor + values.shape[0]
         if end <= self.capacity:
-            self.images[self.cursor : end] = images
+            store[self.cursor : end] = values
         else:
             first = self.capacity - self.cursor
-            self.images[self.cursor :] = images[:first]
-            self.images[: n - first] = images[first:]
-        self.cursor = end % self.capacity
-        self.count = min(self.capacity, self.count + n)
+            store[self.cursor :] = values[:first]
+            store[: n - first] = values[first:]
 
-    def sample(self, batch_size: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    def add(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> None:
+        """Append a batch (and its labels; a pool holds labels for all images or none)."""
+        images = images.detach()
+        if labels is not None:
+            labels = labels.detach().long().view(-1)
+            if labels.shape[0] != images.shape[0]:
+                raise ValueError(f"pool: {images.shape[0]} images but {labels.shape[0]} labels")
+        if (labels is None) != (self.labels is None) and self.count:
+            raise ValueError("pool: add labels with every batch or with none")
+        if images.shape[0] > self.capacity:
+            images = images[-self.capacity :]
+            labels = None if labels is None else labels[-self.capacity :]
+        if self.images is None:
+            self.images = torch.empty((self.capacity, *images.shape[1:]), dtype=images.dtype, device=images.device)
+        if labels is not None and self.labels is None:
+            self.labels = torch.zeros(self.capacity, dtype=torch.long, device=images.device)
+        self._write(self.images, images)
+        if labels is not None:
+            self._write(self.labels, labels.to(self.labels.device))
+        self.cursor = (self.cursor + images.shape[0]) % self.capacity
+        self.count = min(self.capacity, self.count + images.shape[0])
+
+    def sample(self, batch_size: int, generator: torch.Generator | None = None, balanced: bool = False) -> torch.Tensor:
+        """``batch_size`` held images, drawn with replacement (class-balanced when
+        ``balanced`` and the pool holds labels), without a host synchronisation."""
         if self.count == 0:
             raise RuntimeError("the image pool is empty: synthesize before sampling")
-        idx = torch.randint(0, self.count, (batch_size,), generator=generator).to(self.images.device)
+        if balanced and self.labels is not None:
+            held = self.labels[: self.count]
+            per_label = torch.bincount(held)
+            cdf = torch.cumsum(1.0 / per_label[held].double(), 0)
+            u = torch.rand(batch_size, generator=generator, dtype=torch.float64).to(cdf.device) * cdf[-1]
+            idx = torch.searchsorted(cdf, u).clamp_(max=self.count - 1)
+        else:
+            idx = torch.randint(0, self.count, (batch_size,), generator=generator).to(self.images.device)
         return self.images[idx]
+
+    def label_counts(self, num_classes: int) -> torch.Tensor:
+        """Images held per label (zeros when the pool holds no labels)."""
+        if self.labels is None or self.count == 0:
+            return torch.zeros(num_classes, dtype=torch.long)
+        return torch.bincount(self.labels[: self.count].cpu(), minlength=num_classes)
 
     def state_dict(self) -> dict:
         held = None if self.images is None else self.images[: self.count].cpu().clone()
-        return {"capacity": self.capacity, "cursor": self.cursor, "count": self.count, "images": held}
+        labels = None if self.labels is None else self.labels[: self.count].cpu().clone()
+        return {"capacity": self.capacity, "cursor": self.cursor, "count": self.count, "images": held, "labels": labels}
 
     def load_state_dict(self, state: dict, device=None) -> None:
         self.capacity, self.cursor, self.count = int(state["capacity"]), int(state["cursor"]), int(state["count"])
-        self.images = None
+        self.images, self.labels = None, None
         if state["images"] is not None and self.count:
             held = state["images"].to(device) if device is not None else state["images"]
             self.images = torch.empty((self.capacity, *held.shape[1:]), dtype=held.dtype, device=held.device)
             self.images[: self.count] = held
+            if state.get("labels") is not None:
+                self.labels = torch.zeros(self.capacity, dtype=torch.long, device=held.device)
+                self.labels[: self.count] = state["labels"].to(held.device)
 
 
 class Synthesizer:

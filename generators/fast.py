@@ -64,7 +64,11 @@ class Fast(Synthesizer):
     one-hot term can steer each image to its target in a few steps; with a teacher
     ensemble, ``ensemble_bn_by_target`` (off by default) matches each member's BN
     statistics on the images targeted at its own classes (:func:`dfkd.hooks.member_sample_masks`),
-    which only separates the members' images when the generator is class-conditional.
+    which only separates the members' images when the generator is class-conditional;
+    ``balance_classes`` (off by default): each bank image is filed under the teacher's
+    prediction and the student draws classes uniformly (:class:`generators.base.ImagePool`).
+    An unconditional generator does not follow the one-hot targets in two steps, so its bank
+    is as unbalanced as what it happens to make (on Fashion-MNIST: 1% ankle boots, 18% coats).
     """
 
     defaults = {
@@ -87,6 +91,7 @@ class Fast(Synthesizer):
         "pool_size": 60000,
         "student_augment": True,
         "student_mixup": 0.0,
+        "balance_classes": False,
         "batch_size": 256,
         "temperature": 20.0,
         "student_optimizer": "sgd",
@@ -168,7 +173,9 @@ class Fast(Synthesizer):
         else:  # plain generator training: keep the adapted weights
             self.generator.load_state_dict(fast.state_dict())
         self.bn_hook.update_momentum()
-        self.pool.add(best_images.clamp(0, 1))
+        best_images = best_images.clamp(0, 1)
+        labels = self.teacher_logits(best_images).argmax(1) if o["balance_classes"] else None
+        self.pool.add(best_images, labels)
         self.images_synthesized += n
         self.rounds += 1
         return {f"inv_{k}": v.detach() for k, v in terms.items()}
@@ -188,7 +195,7 @@ class Fast(Synthesizer):
 
     # -- student side ----------------------------------------------------------------------
     def sample(self):
-        images = self.pool.sample(self.batch_size, self.rng)
+        images = self.pool.sample(self.batch_size, self.rng, balanced=self.options["balance_classes"])
         if self.options["student_augment"]:
             images = augment_batch(images, pad=self.options["crop_pad"], flip=self.options["flip"])
         if self.options["student_mixup"] > 0:

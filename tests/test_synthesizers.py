@@ -132,6 +132,32 @@ def test_image_pool_fifo_and_state_round_trip():
     assert torch.equal(other.images, pool.images) and other.cursor == pool.cursor
 
 
+def test_image_pool_balanced_sampling_draws_rare_labels_as_often_as_common_ones():
+    pool = ImagePool(1000)
+    # 900 images of label 0 (value 0), 100 of label 1 (value 1); wraps once more below
+    pool.add(torch.zeros(900, 1, 1, 1), torch.zeros(900, dtype=torch.long))
+    pool.add(torch.ones(100, 1, 1, 1), torch.ones(100, dtype=torch.long))
+    gen = torch.Generator().manual_seed(0)
+    uniform = pool.sample(4000, gen).mean().item()
+    balanced = pool.sample(4000, gen, balanced=True).mean().item()
+    assert abs(uniform - 0.1) < 0.03 and abs(balanced - 0.5) < 0.04
+    assert pool.label_counts(3).tolist() == [900, 100, 0]
+    pool.add(torch.full((50, 1, 1, 1), 2.0), torch.full((50,), 2))  # overwrites 50 zeros
+    assert pool.label_counts(3).tolist() == [850, 100, 50]
+    other = ImagePool(1)
+    other.load_state_dict(pool.state_dict())
+    assert torch.equal(other.labels, pool.labels) and torch.equal(other.images, pool.images)
+
+
+def test_image_pool_refuses_mixed_labelled_and_unlabelled_batches():
+    pool = ImagePool(10)
+    pool.add(torch.zeros(2, 1, 1, 1), torch.zeros(2, dtype=torch.long))
+    with pytest.raises(ValueError, match="labels"):
+        pool.add(torch.zeros(2, 1, 1, 1))
+    with pytest.raises(ValueError, match="3 labels"):
+        pool.add(torch.zeros(2, 1, 1, 1), torch.zeros(3, dtype=torch.long))
+
+
 def test_augment_batch_keeps_shape_and_range():
     x = torch.rand(6, 1, 8, 8)
     y = augment_batch(x, pad=2, flip=True)
@@ -151,6 +177,18 @@ def test_fast_meta_round_fills_bank_and_moves_meta_generator(bn_teacher, student
     assert student.training and all(p.requires_grad for p in student.parameters())
     batch = synth.sample()
     assert batch.images.shape == (8, *SHAPE) and 0 <= batch.images.min() and batch.images.max() <= 1
+
+
+def test_fast_balance_classes_files_bank_images_under_the_teachers_prediction(bn_teacher, student):
+    synth = make("fast", bn_teacher, ngf=8, nz=16, synthesis_batch_size=32, batch_size=64, warmup_rounds=2,
+                 balance_classes=True)
+    synth.synthesize(student)
+    held = synth.pool.images[: len(synth.pool)]
+    with torch.no_grad():
+        predicted = bn_teacher(held).argmax(1)
+    assert torch.equal(synth.pool.labels[: len(synth.pool)], predicted)
+    assert synth.pool.label_counts(synth.num_classes).sum().item() == 96
+    assert synth.sample().images.shape == (64, *SHAPE)
 
 
 def test_fast_meta_generator_learns_to_lower_the_inversion_loss(bn_teacher, student):
