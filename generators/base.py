@@ -83,11 +83,12 @@ def teacher_stats(teacher: nn.Module, channels: int):
     return torch.full((channels,), 0.5), torch.full((channels,), 0.5)
 
 
-def bn_statistics_hook(teacher: nn.Module, method: str, bn_weight: float, momentum: float = 0.0) -> BNStatisticsHook:
+def bn_statistics_hook(teacher: nn.Module, method: str, bn_weight: float, momentum: float = 0.0,
+                       first_layer_weight: float = 1.0) -> BNStatisticsHook:
     """The BN-statistics hook of an inversion method, recording only inside
     :meth:`BNStatisticsHook.capture` (the teacher's relabelling passes skip it). A teacher
     without BatchNorm is refused unless the term is dropped (``bn_weight=0``)."""
-    hook = BNStatisticsHook(teacher, momentum=momentum)
+    hook = BNStatisticsHook(teacher, momentum=momentum, first_layer_weight=first_layer_weight)
     hook.enabled = False
     if len(hook) == 0 and bn_weight != 0:
         hook.close()

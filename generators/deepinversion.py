@@ -42,6 +42,8 @@ class DeepInversion(Synthesizer):
     teacher each time. Defaults follow the official CIFAR-10 recipe (batch 256, 2000
     iterations, Adam lr 0.05, ``w_bn=10``, ``w_tv2=2.5e-5``, ``w_l2=0``) and the ImageNet
     ADI weight 0.2. A teacher without BatchNorm is refused unless ``bn_weight=0``.
+    ``first_bn_weight`` multiplies the first BN layer's term: 1 in the CIFAR code, 10 in the
+    official ImageNet code (``first_bn_multiplier``).
 
     Extension (off by default, not in the paper): ``student_mixup = alpha > 0`` mixes each
     student batch with a shuffled copy of itself, ``x = lam x_i + (1-lam) x_j`` with
@@ -62,6 +64,7 @@ class DeepInversion(Synthesizer):
         "iterations": 2000,
         "lr": 0.05,
         "bn_weight": 10.0,
+        "first_bn_weight": 1.0,
         "tv_l2_weight": 2.5e-5,
         "tv_l1_weight": 0.0,
         "l2_weight": 0.0,
@@ -87,7 +90,7 @@ class DeepInversion(Synthesizer):
     def __init__(self, teacher, image_shape, num_classes, device="cpu", seed=0, **options):
         super().__init__(teacher, image_shape, num_classes, device, seed, **options)
         o = self.options
-        self.bn_hook = bn_statistics_hook(teacher, "deepinversion", o["bn_weight"])
+        self.bn_hook = bn_statistics_hook(teacher, "deepinversion", o["bn_weight"], first_layer_weight=o["first_bn_weight"])
         mean, std = teacher_stats(teacher, self.image_shape[0])
         self.pixel_mean = mean.view(1, -1, 1, 1).to(self.device)
         self.pixel_std = std.view(1, -1, 1, 1).to(self.device)

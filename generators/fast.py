@@ -65,7 +65,8 @@ class Fast(Synthesizer):
     ensemble, ``ensemble_bn_by_target`` (off by default) matches each member's BN
     statistics on the images targeted at its own classes (:func:`dfkd.hooks.member_sample_masks`),
     which only separates the members' images when the generator is class-conditional;
-    ``balance_classes`` (off by default): each bank image is filed under the teacher's
+    ``first_bn_weight`` (1, i.e. off, by default): the first BN layer's term is multiplied by
+    it, as in the official DeepInversion ImageNet code (10 there); ``balance_classes`` (off by default): each bank image is filed under the teacher's
     prediction and the student draws classes uniformly (:class:`generators.base.ImagePool`).
     An unconditional generator does not follow the one-hot targets in two steps, so its bank
     is as unbalanced as what it happens to make (on Fashion-MNIST: 1% ankle boots, 18% coats).
@@ -82,6 +83,7 @@ class Fast(Synthesizer):
         "oh_weight": 0.4,
         "adv_weight": 1.1,
         "bn_momentum": 0.9,
+        "first_bn_weight": 1.0,
         "warmup_rounds": 20,
         "ensemble_bn_by_target": False,
         "class_conditional": False,
@@ -106,7 +108,8 @@ class Fast(Synthesizer):
         o = self.options
         if o["iterations"] < 1:
             raise SynthesizerOptionError("fast: iterations must be at least 1")
-        self.bn_hook = bn_statistics_hook(teacher, "fast", o["bn_weight"], momentum=o["bn_momentum"])
+        self.bn_hook = bn_statistics_hook(teacher, "fast", o["bn_weight"], momentum=o["bn_momentum"],
+                                          first_layer_weight=o["first_bn_weight"])
         torch.manual_seed(seed)
         self.generator = DCGANGenerator(o["nz"], self.image_shape, o["ngf"], output="sigmoid",
                                         num_classes=self.num_classes if o["class_conditional"] else 0).to(self.device)

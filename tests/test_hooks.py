@@ -39,6 +39,27 @@ def test_bn_hook_reproduces_statistics_by_hand():
     assert hook.layer_losses == []
 
 
+class TwoBN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2)
+        self.conv2, self.bn2 = nn.Conv2d(2, 2, 3), nn.BatchNorm2d(2)
+
+    def forward(self, x):
+        return self.bn2(self.conv2(self.bn1(self.conv1(x))))
+
+
+def test_bn_hook_first_layer_weight_scales_only_the_first_layer():
+    torch.manual_seed(0)
+    model = TwoBN().eval()
+    x = torch.randn(3, 1, 7, 7)
+    plain, weighted = BNStatisticsHook(model), BNStatisticsHook(model, first_layer_weight=10.0)
+    model(x)
+    first, second = plain.layer_losses
+    assert torch.allclose(weighted.layer_losses[0], 10 * first) and torch.allclose(weighted.layer_losses[1], second)
+    assert torch.allclose(weighted.loss(), 10 * first + second)
+
+
 def test_bn_hook_sample_masks_use_only_the_masked_images():
     torch.manual_seed(0)
     model = Tiny().eval()
