@@ -124,6 +124,7 @@ DISTILL_DEFAULTS = {
     "eval_every": 0,
     "log_every": 50,
     "checkpoint_every": 0,
+    "student_ema": 0.0,
     "samples": 512,
     "options": {},
 }
@@ -220,6 +221,7 @@ def run_distillation(cfg: dict, args, resume: bool = False, teacher_override=Non
         teacher, student, synth, out,
         RunOptions(steps=cfg["steps"], eval_every=cfg["eval_every"], log_every=cfg["log_every"],
                    checkpoint_every=cfg["checkpoint_every"], progress=not args.quiet, seed=cfg["seed"],
+                   student_ema=float(cfg["student_ema"] or 0.0),
                    extra_summary={"command": "dfkd " + " ".join(sys.argv[1:]), "student": cfg["student"],
                                   "class_names": list(meta["class_names"]), "device": str(device)}),
         eval_data=eval_data, student_meta=student_meta, teacher_accuracy=meta.get("test_accuracy"), device=device,
@@ -443,6 +445,7 @@ def add_run_arguments(p) -> None:
     p.add_argument("--eval-every", type=int, help="evaluate every N steps (default 0: only at the end)")
     p.add_argument("--log-every", type=int, help="log loss terms every N steps (default 50)")
     p.add_argument("--checkpoint-every", type=int, help="save resumable state every N steps (default 0: at the end)")
+    p.add_argument("--student-ema", type=float, help="keep a moving average of the student's weights with this decay (e.g. 0.999) and deliver it (default 0: off)")
     p.add_argument("--samples", type=int, help="synthesized images kept for plots (default 512)")
     for flag, (_, kind, text) in METHOD_FLAGS.items():
         name = "--" + flag.replace("_", "-")

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from dfkd.ema import WeightAverage
 from generators.base import Synthesizer, cosine_factor
 from teachers.checkpoint import save_checkpoint
 
@@ -144,6 +145,7 @@ class RunOptions:
     progress: bool = True
     seed: int = 0
     extra_summary: dict = field(default_factory=dict)
+    student_ema: float = 0.0  # decay of a moving average of the student's weights (dfkd.ema); 0: off
 
 
 class DistillationRun:
@@ -182,6 +184,7 @@ class DistillationRun:
             self.base_lrs.append(self.optimizer.param_groups[-1]["lr"])
         if "generator_total_steps" in synthesizer.options and not synthesizer.options["generator_total_steps"]:
             synthesizer.options["generator_total_steps"] = math.ceil(options.steps / synthesizer.student_steps_per_round)
+        self.ema = WeightAverage(student, options.student_ema) if options.student_ema else None
         self._teacher_predictions = None
         self._last_eval: tuple[int, dict] | None = None  # (step, result) of the latest evaluation
 
@@ -201,6 +204,8 @@ class DistillationRun:
             "torch_rng": torch.get_rng_state(),
             "metrics": self.metrics,
         }
+        if self.ema is not None:
+            state["student_ema"] = self.ema.state_dict()
         if self.device.type == "cuda":
             state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
         atomic_torch_save(self.state_path, state)
@@ -223,6 +228,10 @@ class DistillationRun:
         self.step = int(state["step"])
         self.elapsed = float(state["elapsed"])
         self.metrics = list(state["metrics"])
+        if self.ema is not None:
+            if "student_ema" not in state:
+                raise DistillationError(f"{self.state_path} was written without student_ema; resume with the run's own config")
+            self.ema.load_state_dict(state["student_ema"])
 
     # -- evaluation -----------------------------------------------------------------------
     def evaluate(self) -> dict:
@@ -231,11 +240,19 @@ class DistillationRun:
         data = self.eval_data
         if self._teacher_predictions is None:
             self._teacher_predictions = predict(self.teacher, data.images, self.device)
-        student_pred = predict(self.student, data.images, self.device)
+        raw = {}
+        if self.ema is not None:  # the delivered student is the average; keep the trained weights' accuracy beside it
+            raw_pred = predict(self.student, data.images, self.device)
+            raw = {"raw_student_accuracy": float((raw_pred == data.labels).float().mean())}
+            with self.ema.swapped_in():
+                student_pred = predict(self.student, data.images, self.device)
+        else:
+            student_pred = predict(self.student, data.images, self.device)
         result = {
             "student_accuracy": float((student_pred == data.labels).float().mean()),
             "agreement": float((student_pred == self._teacher_predictions).float().mean()),
             "_student_predictions": student_pred,
+            **raw,
         }
         self._last_eval = (self.step, result)
         return result
@@ -314,6 +331,8 @@ class DistillationRun:
                 self.optimizer.zero_grad(set_to_none=True)
                 total.backward()
                 self.optimizer.step()
+                if self.ema is not None:
+                    self.ema.update()
                 for key, value in losses.items():
                     sums[key] = sums.get(key, 0) + value.detach()
                 count += 1
@@ -352,6 +371,8 @@ class DistillationRun:
         # the loop evaluated at its last step; reuse that instead of evaluating twice
         final = dict(self._last_eval[1]) if self._last_eval and self._last_eval[0] == self.step else self.evaluate()
         student_predictions = final.pop("_student_predictions", None)
+        if self.ema is not None:
+            self.ema.copy_into()
         if self.metrics:
             self._write_metrics_csv()
         meta = dict(self.student_meta)
@@ -367,6 +388,8 @@ class DistillationRun:
             "images_synthesized": self.synth.images_synthesized,
             "options": self.synth.options,
         }
+        if self.ema is not None:
+            summary.update(student_ema=self.ema.decay, raw_student_accuracy=final.get("raw_student_accuracy"))
         if self.eval_data is not None and student_predictions is not None:
             num_classes = self.synth.num_classes
             summary["per_class_accuracy"] = per_class_accuracy(student_predictions, self.eval_data.labels, num_classes)

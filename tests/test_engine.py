@@ -9,7 +9,7 @@ from generators import create_synthesizer
 from teachers import build_model, freeze
 
 
-def make_run(run_dir, steps=12, checkpoint_every=4, seed=0, method="dafl"):
+def make_run(run_dir, steps=12, checkpoint_every=4, seed=0, method="dafl", student_ema=0.0):
     torch.manual_seed(seed)
     teacher = build_model("lenet5_bn", 10, 1, 32, (0.3,), (0.35,))
     teacher.train()
@@ -22,15 +22,16 @@ def make_run(run_dir, steps=12, checkpoint_every=4, seed=0, method="dafl"):
     meta = {"dataset": "digits", "classes": list(range(10)), "class_names": [str(i) for i in range(10)],
             "mean": [0.3], "std": [0.35], "image_shape": [1, 32, 32], "seed": seed}
     return DistillationRun(teacher, student, synth, run_dir, RunOptions(steps=steps, eval_every=6, log_every=3,
-                           checkpoint_every=checkpoint_every, progress=False), eval_data=eval_data, student_meta=meta)
+                           checkpoint_every=checkpoint_every, progress=False, student_ema=student_ema),
+                           eval_data=eval_data, student_meta=meta)
 
 
-@pytest.mark.parametrize("method", ["dafl", "dfad"])
-def test_resume_gives_the_same_result_as_an_uninterrupted_run(tmp_path, method):
-    full = make_run(tmp_path / "full", method=method)
+@pytest.mark.parametrize("method,student_ema", [("dafl", 0.0), ("dfad", 0.0), ("dafl", 0.9)])
+def test_resume_gives_the_same_result_as_an_uninterrupted_run(tmp_path, method, student_ema):
+    full = make_run(tmp_path / "full", method=method, student_ema=student_ema)
     full.run()
 
-    killed = make_run(tmp_path / "killed", method=method)
+    killed = make_run(tmp_path / "killed", method=method, student_ema=student_ema)
     original = killed.synth.synthesize
     calls = {"n": 0}
 
@@ -45,7 +46,7 @@ def test_resume_gives_the_same_result_as_an_uninterrupted_run(tmp_path, method):
         killed.run()
     assert not (tmp_path / "killed" / "summary.json").exists()
 
-    resumed = make_run(tmp_path / "killed", method=method)
+    resumed = make_run(tmp_path / "killed", method=method, student_ema=student_ema)
     resumed.load_state()
     assert 0 < resumed.step < 12
     summary = resumed.run()
@@ -53,6 +54,41 @@ def test_resume_gives_the_same_result_as_an_uninterrupted_run(tmp_path, method):
         assert torch.equal(a, b)
     assert summary["steps"] == 12
     assert json.loads((tmp_path / "full" / "summary.json").read_text())["student_accuracy"] == summary["student_accuracy"]
+
+
+def test_student_ema_is_the_delivered_student_and_follows_its_formula(tmp_path):
+    run = make_run(tmp_path / "ema", steps=12, student_ema=0.5)
+    trained = []  # the student's weights after every optimiser step
+    step = run.optimizer.step
+
+    def recording_step(*args, **kwargs):
+        out = step(*args, **kwargs)
+        trained.append([p.detach().clone() for p in run.student.parameters()])
+        return out
+
+    run.optimizer.step = recording_step
+    expected = [p.detach().clone() for p in run.student.parameters()]
+    summary = run.run()
+    for t, weights in enumerate(trained, start=1):  # w <- d w + (1 - d) w_t, d = min(0.5, (1 + t) / (10 + t))
+        d = min(0.5, (1 + t) / (10 + t))
+        expected = [d * e + (1 - d) * w for e, w in zip(expected, weights)]
+    for delivered, want, last in zip(run.student.parameters(), expected, trained[-1]):
+        assert torch.allclose(delivered, want, atol=1e-6)
+        assert not torch.allclose(delivered, last)  # the average, not the last trained weights
+    from teachers import load_checkpoint
+
+    saved, _ = load_checkpoint(tmp_path / "ema" / "student.pt")
+    for a, b in zip(saved.parameters(), run.student.parameters()):
+        assert torch.equal(a, b)
+    assert summary["student_ema"] == 0.5 and 0.0 <= summary["raw_student_accuracy"] <= 1.0
+
+
+@pytest.mark.parametrize("decay", [1.0, -0.1, 1.5])
+def test_student_ema_rejects_a_decay_outside_zero_one(decay):
+    from dfkd.ema import WeightAverage
+
+    with pytest.raises(ValueError, match="student_ema"):
+        WeightAverage(torch.nn.Linear(2, 2), decay)
 
 
 def test_run_directory_contents(tmp_path):

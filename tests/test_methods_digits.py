@@ -29,8 +29,10 @@ def digits_teacher():
 # method -> (options, student steps, minimum final accuracy)
 CASES = {
     "dafl": ({"batch_size": 64, "ngf": 8, "generator_lr": 0.02}, 300, 0.40),  # measured 0.76
-    "deepinversion": ({"iterations": 60, "lr": 0.25, "bn_weight": 1.0, "synthesis_batch_size": 128,
-                       "student_steps_per_round": 40, "batch_size": 128, "student_lr": 0.05}, 400, 0.40),
+    # bn_weight 10 is the paper's; with 1 (and lr 0.25) seeds 0-3 gave 0.41/0.66/0.66/0.64 here and
+    # 0.17 on the CI machine. With 10: 0.77/0.80/0.82/0.77 (seeds 0-3), 0.81/0.76/0.82/0.81 (seeds 4-7).
+    "deepinversion": ({"iterations": 60, "lr": 0.1, "bn_weight": 10.0, "synthesis_batch_size": 128,
+                       "student_steps_per_round": 40, "batch_size": 128, "student_lr": 0.05}, 400, 0.50),
     "zskt": ({"batch_size": 64, "ngf": 16}, 300, 0.20),
     "dfad": ({"batch_size": 64, "ngf": 16, "student_lr": 0.05}, 300, 0.20),
     "fast": ({"ngf": 8, "synthesis_batch_size": 128, "batch_size": 128, "student_steps_per_round": 10,
