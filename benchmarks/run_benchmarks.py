@@ -72,7 +72,7 @@ ROWS: dict[str, tuple[str, str]] = {
                        "train-teacher --dataset fashion-mnist --arch lenet5_half --epochs 15 --quiet"),
     "kd-real": ("KD with all real train images (upper bound)",
                 DISTILL + " --config configs/fashion-mnist/kd-real.yaml"),
-    "dafl": ("DAFL (CPU budget recipe)", DISTILL + " --config configs/fashion-mnist/bench-dafl.yaml"),
+    "dafl": ("DAFL (CPU budget recipe, generator lr 0.002 for Fashion-MNIST)", DISTILL + " --config configs/fashion-mnist/bench-dafl.yaml"),
     "dafl-plain": ("DAFL, teacher lenet5 (no BN)", DISTILL.replace("{teacher}", "{teacher_plain}")
                    + " --config configs/fashion-mnist/bench-dafl.yaml"),
     "deepinversion": ("DeepInversion (CPU budget recipe)", DISTILL + " --config configs/fashion-mnist/bench-deepinversion.yaml"),
