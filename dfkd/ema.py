@@ -64,7 +64,7 @@ class WeightAverage:
             live.copy_(avg)
 
     def state_dict(self) -> dict:
-        return {"decay": self.decay, "updates": self.updates, "shadow": [t.clone() for t in self.shadow]}
+        return {"updates": self.updates, "shadow": self.shadow}  # torch.save copies; the decay comes from the config
 
     def load_state_dict(self, state: dict) -> None:
         if len(state["shadow"]) != len(self.shadow):

@@ -240,14 +240,12 @@ class DistillationRun:
         data = self.eval_data
         if self._teacher_predictions is None:
             self._teacher_predictions = predict(self.teacher, data.images, self.device)
+        student_pred = predict(self.student, data.images, self.device)
         raw = {}
         if self.ema is not None:  # the delivered student is the average; keep the trained weights' accuracy beside it
-            raw_pred = predict(self.student, data.images, self.device)
-            raw = {"raw_student_accuracy": float((raw_pred == data.labels).float().mean())}
+            raw = {"raw_student_accuracy": float((student_pred == data.labels).float().mean())}
             with self.ema.swapped_in():
                 student_pred = predict(self.student, data.images, self.device)
-        else:
-            student_pred = predict(self.student, data.images, self.device)
         result = {
             "student_accuracy": float((student_pred == data.labels).float().mean()),
             "agreement": float((student_pred == self._teacher_predictions).float().mean()),
