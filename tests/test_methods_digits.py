@@ -1,7 +1,8 @@
 """A short data-free run per method on digits reaches a stated accuracy well above chance (10%).
 
-The thresholds were set from measured runs with a margin (see the comments); the runs are
-small so the whole file stays well under a minute or two on 2 CPU cores.
+The thresholds were set from measured runs with a margin (see the comments; measure again with
+``benchmarks/digits_margins.py``); the runs are small so the whole file stays within a few
+minutes on 2 CPU cores.
 """
 import pytest
 import torch
@@ -14,16 +15,22 @@ from teachers import build_model, freeze, train_classifier
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def digits_teacher():
+def train_digits_teacher():
+    """The digits lenet5_bn teacher of these tests: (frozen teacher, test split, data info, its test accuracy)."""
     torch.manual_seed(0)
     train, test = load_dataset("digits", "train"), load_dataset("digits", "test")
     info = train.info
     model = build_model("lenet5_bn", 10, 1, 32, info.mean, info.std)
     result = train_classifier(model, train.images, train.labels, test.images, test.labels, epochs=12, batch_size=64,
                               seed=0, progress=False)
-    assert result["test_accuracy"] > 0.9
-    return freeze(model), test, info
+    return freeze(model), test, info, result["test_accuracy"]
+
+
+@pytest.fixture(scope="module")
+def digits_teacher():
+    teacher, test, info, accuracy = train_digits_teacher()
+    assert accuracy > 0.9
+    return teacher, test, info
 
 
 # method -> (options, student steps, minimum final accuracy)
@@ -43,17 +50,22 @@ CASES = {
 }
 
 
+def run_case(method, teacher, test, info, run_dir, seed=0) -> dict:
+    """One CASES run (student and synthesizer seeded with ``seed``); returns the run's summary."""
+    options, steps, _ = CASES[method]
+    torch.manual_seed(seed)
+    student = build_model("lenet5_half", 10, 1, 32, info.mean, info.std)
+    synth = create_synthesizer(method, teacher, image_shape=(1, 32, 32), num_classes=10, seed=seed, **options)
+    run = DistillationRun(teacher, student, synth, run_dir, RunOptions(steps=steps, progress=False),
+                          eval_data=EvalData(test.images, test.labels),
+                          student_meta={"dataset": "digits", "classes": list(range(10)), "class_names": info.class_names,
+                                        "mean": list(info.mean), "std": list(info.std), "image_shape": [1, 32, 32], "seed": seed})
+    return run.run()
+
+
 @pytest.mark.parametrize("method", list(CASES))
 def test_short_digits_run_beats_chance(method, digits_teacher, tmp_path):
     teacher, test, info = digits_teacher
-    options, steps, floor = CASES[method]
-    torch.manual_seed(0)
-    student = build_model("lenet5_half", 10, 1, 32, info.mean, info.std)
-    synth = create_synthesizer(method, teacher, image_shape=(1, 32, 32), num_classes=10, seed=0, **options)
-    run = DistillationRun(teacher, student, synth, tmp_path, RunOptions(steps=steps, progress=False),
-                          eval_data=EvalData(test.images, test.labels),
-                          student_meta={"dataset": "digits", "classes": list(range(10)), "class_names": info.class_names,
-                                        "mean": list(info.mean), "std": list(info.std), "image_shape": [1, 32, 32], "seed": 0})
-    summary = run.run()
+    summary = run_case(method, teacher, test, info, tmp_path)
     print(method, summary["student_accuracy"], summary["wall_seconds"])
-    assert summary["student_accuracy"] > floor
+    assert summary["student_accuracy"] > CASES[method][2]
