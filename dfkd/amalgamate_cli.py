@@ -94,9 +94,9 @@ def amalgamate_config(args) -> dict:
 
 # ----------------------------------------------------------------------------- evaluation helpers
 def _accuracy(model, images, labels, device) -> float:
-    from dfkd.engine import predict
+    from dfkd.engine import match_rate, predict
 
-    return float((predict(model, images, device) == labels).float().mean())
+    return match_rate(predict(model, images, device), labels)
 
 
 def member_report(ensemble, student, cfg, device) -> list[dict]:

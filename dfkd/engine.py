@@ -128,6 +128,11 @@ def predict(model: nn.Module, images: torch.Tensor, device, batch_size: int = 10
     return torch.cat(out) if out else torch.empty(0, dtype=torch.long)
 
 
+def match_rate(predictions: torch.Tensor, targets: torch.Tensor) -> float:
+    """Fraction of positions where two label vectors agree (accuracy, or teacher agreement)."""
+    return float((predictions == targets).float().mean())
+
+
 def per_class_accuracy(predictions: torch.Tensor, labels: torch.Tensor, num_classes: int) -> list:
     result = []
     for k in range(num_classes):
@@ -243,12 +248,12 @@ class DistillationRun:
         student_pred = predict(self.student, data.images, self.device)
         raw = {}
         if self.ema is not None:  # the delivered student is the average; keep the trained weights' accuracy beside it
-            raw = {"raw_student_accuracy": float((student_pred == data.labels).float().mean())}
+            raw = {"raw_student_accuracy": match_rate(student_pred, data.labels)}
             with self.ema.swapped_in():
                 student_pred = predict(self.student, data.images, self.device)
         result = {
-            "student_accuracy": float((student_pred == data.labels).float().mean()),
-            "agreement": float((student_pred == self._teacher_predictions).float().mean()),
+            "student_accuracy": match_rate(student_pred, data.labels),
+            "agreement": match_rate(student_pred, self._teacher_predictions),
             "_student_predictions": student_pred,
             **raw,
         }
