@@ -100,6 +100,26 @@ def penultimate_tap(model: nn.Module) -> FeatureTap:
     return FeatureTap(model, [head], capture="input")
 
 
+def fc_input_tap(model: nn.Module) -> FeatureTap:
+    """A tap on the features *before the fully connected layers*: the input of the first
+    ``nn.Linear`` that follows a convolution (LeNet-5: ``conv3``'s 120 features, the input of
+    ``fc1``; a ResNet: its pooled features, the input of the classifier head), as DAFL's
+    official code defines its activation loss's ``f_T``. Networks without such a layer (MLPs)
+    and teacher ensembles (whose ``head_path`` is not a layer but the junction where every
+    member's penultimate features meet) get :func:`penultimate_tap`."""
+    net = inner_network(model)
+    head = getattr(model, "head_path", None) or getattr(net, "head_path", None)
+    if head is not None and not isinstance(resolve_module(model, head), nn.Linear):
+        return penultimate_tap(model)
+    seen_conv = False
+    for path, module in net.named_modules():
+        if isinstance(module, nn.modules.conv._ConvNd):
+            seen_conv = True
+        elif isinstance(module, nn.Linear) and seen_conv:
+            return FeatureTap(model, [path], capture="input")
+    return penultimate_tap(model)
+
+
 class BNStatisticsHook:
     """DeepInversion's feature-distribution regulariser over every BatchNorm layer.
 

@@ -6,6 +6,8 @@ computation on small tensors.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -48,12 +50,14 @@ def activation_loss(features: torch.Tensor) -> torch.Tensor:
     return -features.float().abs().mean()
 
 
-def information_entropy_loss(teacher_logits: torch.Tensor) -> torch.Tensor:
-    """DAFL's information-entropy loss: ``sum_k pbar_k log pbar_k`` with
+def information_entropy_loss(teacher_logits: torch.Tensor, base: float = math.e) -> torch.Tensor:
+    """DAFL's information-entropy loss: ``sum_k pbar_k log_b pbar_k`` with
     ``pbar = mean_i softmax(z_T,i)``, i.e. the negative entropy of the batch's mean prediction.
-    Minimising it balances the classes in a batch (its minimum is ``-log K``)."""
+    Minimising it balances the classes in a batch (its minimum is ``-log_b K``). The paper
+    writes the entropy without a base; the official code uses ``log10`` (``base=10``), so its
+    weight of 5 is ``5 / ln 10 = 2.17`` in natural-log units."""
     mean_prob = F.softmax(teacher_logits.float(), dim=1).mean(dim=0)
-    return (mean_prob * torch.log(mean_prob.clamp_min(1e-12))).sum()
+    return (mean_prob * torch.log(mean_prob.clamp_min(1e-12))).sum() / math.log(base)
 
 
 def js_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 3.0) -> torch.Tensor:

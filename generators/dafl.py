@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import torch
 
-from dfkd.hooks import penultimate_tap
+from dfkd.hooks import fc_input_tap, penultimate_tap
 from dfkd.losses import activation_loss, information_entropy_loss, one_hot_loss
-from generators.base import Synthesizer, SyntheticBatch, register_synthesizer, teacher_stats
+from generators.base import Synthesizer, SynthesizerOptionError, SyntheticBatch, register_synthesizer, teacher_stats
 from generators.networks import DCGANGenerator
 
 
@@ -16,8 +16,14 @@ class DAFL(Synthesizer):
     Generator loss (paper Eq. 7)::
 
         L_G = alpha_oh * CE(z_T, argmax z_T)                  (one-hot loss)
-            + alpha_a  * (-mean |f_T|)                         (activation loss, penultimate f_T)
-            + alpha_ie * sum_k pbar_k log pbar_k               (information entropy, pbar = mean softmax)
+            + alpha_a  * (-mean |f_T|)                         (activation loss)
+            + alpha_ie * sum_k pbar_k log10 pbar_k             (information entropy, pbar = mean softmax)
+
+    with ``f_T`` the teacher's features before its fully connected layers and the entropy in
+    ``log10``, both as in the official code (``activation_features="fc_input"``,
+    ``entropy_log_base=10``; until the seventh session this package used the penultimate
+    features and the natural log, which weighs the entropy term 2.3x as much:
+    ``activation_features="penultimate"``, ``entropy_log_base=2.718281828``).
 
     and the student learns from the teacher's outputs on each generated batch with
     ``KL(p_T || p_S)`` (DAFL's ``kdloss``, T=1). Order as in the official code: each
@@ -39,6 +45,8 @@ class DAFL(Synthesizer):
         "student_lr": 2e-3,
         "student_schedule": "constant",
         "student_steps_per_round": 1,
+        "activation_features": "fc_input",
+        "entropy_log_base": 10.0,
     }
 
     def __init__(self, teacher, image_shape, num_classes, device="cpu", seed=0, **options):
@@ -47,7 +55,13 @@ class DAFL(Synthesizer):
         mean, std = teacher_stats(teacher, self.image_shape[0])
         self.generator = DCGANGenerator(self.options["nz"], self.image_shape, self.options["ngf"], mean, std).to(self.device)
         self.generator_optimizer = torch.optim.Adam(self.generator.parameters(), lr=self.options["generator_lr"])
-        self.features = penultimate_tap(teacher)
+        taps = {"fc_input": fc_input_tap, "penultimate": penultimate_tap}
+        if self.options["activation_features"] not in taps:
+            raise SynthesizerOptionError(f"dafl: activation_features must be one of {sorted(taps)}, "
+                                         f"not {self.options['activation_features']!r}")
+        if self.options["entropy_log_base"] <= 1:
+            raise SynthesizerOptionError("dafl: entropy_log_base must be greater than 1 (10 as in the official code)")
+        self.features = taps[self.options["activation_features"]](teacher)
         self._batch: SyntheticBatch | None = None
 
     def generator_losses(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -57,7 +71,7 @@ class DAFL(Synthesizer):
         return {
             "one_hot": one_hot_loss(logits),
             "activation": activation_loss(features),
-            "information_entropy": information_entropy_loss(logits),
+            "information_entropy": information_entropy_loss(logits, base=self.options["entropy_log_base"]),
         }, logits
 
     def synthesize(self, student):

@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 from dfkd.ensemble import EnsembleError, TeacherEnsemble
-from dfkd.hooks import BNStatisticsHook, member_sample_masks, penultimate_tap
+from dfkd.hooks import BNStatisticsHook, fc_input_tap, member_sample_masks, penultimate_tap
 from teachers import NormalizedModel, build_model, build_manifest, save_checkpoint
 
 SHAPE = (1, 32, 32)
@@ -105,6 +105,9 @@ def test_teacher_interface_for_synthesizers_and_hooks():
     assert all(not p.requires_grad for p in ens.parameters())
     x = torch.rand(4, *SHAPE, requires_grad=True)
     tap = penultimate_tap(ens)
+    dafl_tap = fc_input_tap(ens)  # DAFL's f_T on an ensemble: every member's features
+    assert dafl_tap.paths == tap.paths
+    dafl_tap.close()
     merged = ens(x)
     assert tap[tap.paths[0]].shape == (4, 84 + 84)
     merged.sum().backward()  # gradients reach the input through frozen members

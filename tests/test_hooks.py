@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch import nn
 
-from dfkd.hooks import BNStatisticsHook, FeatureTap, FeatureTapError, penultimate_tap
+from dfkd.hooks import BNStatisticsHook, FeatureTap, FeatureTapError, fc_input_tap, penultimate_tap
 
 
 class Tiny(nn.Module):
@@ -122,6 +122,25 @@ def test_feature_tap_by_path_and_penultimate():
     model(x)
     assert pen[pen.paths[0]].shape == (2, 3)
     pen.close()
+
+
+def test_fc_input_tap_takes_the_features_before_the_fully_connected_layers():
+    from teachers.models.lenet import lenet5
+    from teachers.models.mlp import mlp
+    from teachers.models.resnet import resnet8
+
+    x = torch.rand(3, 1, 32, 32)
+    cases = [(lenet5(), "fc1", (3, 120)),  # DAFL's LeNet-5: conv3's 120 features, not fc2's 84
+             (resnet8(in_channels=1), resnet8(in_channels=1).head_path, None),  # ResNet: the pooled features
+             (mlp(in_channels=1, image_size=32), None, None)]  # no convolution: the penultimate features
+    for model, path, shape in cases:
+        tap = fc_input_tap(model)
+        model.eval()(x)
+        expected = path or model.head_path
+        assert tap.paths == [expected]
+        if shape is not None:
+            assert tap[expected].shape == shape
+        tap.close()
 
 
 def test_unknown_path_names_known_ones():

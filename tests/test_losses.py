@@ -47,6 +47,8 @@ def test_information_entropy_loss_minimum_is_minus_log_k_for_balanced_batch():
     assert abs(losses.information_entropy_loss(balanced).item() + math.log(4)) < 1e-4
     collapsed = torch.tensor([[50.0, 0, 0, 0]] * 4)
     assert abs(losses.information_entropy_loss(collapsed).item()) < 1e-4
+    # the official DAFL code's log10: the same value divided by ln 10
+    assert abs(losses.information_entropy_loss(balanced, base=10).item() + math.log10(4)) < 1e-4
 
 
 def test_agreement_masked_kl_by_hand():
