@@ -179,6 +179,7 @@ class DistillationRun:
         self.device = torch.device(device) if device is not None else synthesizer.device
         self.optimizer = build_student_optimizer(student, synthesizer.options)
         self.base_lrs = [group["lr"] for group in self.optimizer.param_groups]
+        self.grad_clip = float(synthesizer.options.get("student_grad_clip", 0.0))
         self.step = 0
         self.elapsed = 0.0
         self.metrics: list[dict] = []
@@ -333,6 +334,8 @@ class DistillationRun:
                 total = sum(losses.values())
                 self.optimizer.zero_grad(set_to_none=True)
                 total.backward()
+                if self.grad_clip > 0:  # one fused norm, no host sync
+                    torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.grad_clip)
                 self.optimizer.step()
                 if self.ema is not None:
                     self.ema.update()

@@ -18,7 +18,8 @@ class AdversarialGeneratorSynthesizer(Synthesizer):
     annealed over ``generator_total_steps``), and the adversarial generator step
     ``min_G -D(T(G(z)), S(G(z)))`` for the method's discrepancy ``D``."""
 
-    defaults = {"nz": 100, "ngf": 64, "generator_lr": 1e-3, "generator_schedule": "cosine", "generator_total_steps": 0}
+    defaults = {"nz": 100, "ngf": 64, "generator_lr": 1e-3, "generator_schedule": "cosine", "generator_total_steps": 0,
+                "generator_grad_clip": 0.0}
 
     def __init__(self, teacher, image_shape, num_classes, device="cpu", seed=0, **options):
         super().__init__(teacher, image_shape, num_classes, device, seed, **options)
@@ -46,7 +47,8 @@ class AdversarialGeneratorSynthesizer(Synthesizer):
     def synthesize(self, student):
         self.generator.train()
         self._set_generator_lr()
-        images = self.generate(self.batch_size)
+        self.round_latents = torch.randn(self.batch_size, self.options["nz"], generator=self.rng).to(self.device)
+        images = self.generator(self.round_latents)
         student.requires_grad_(False)
         try:
             with self.autocast():
@@ -55,12 +57,18 @@ class AdversarialGeneratorSynthesizer(Synthesizer):
             gap = self.discrepancy(student_logits, teacher_logits)
             self.generator_optimizer.zero_grad(set_to_none=True)
             (-gap).backward()
+            if self.options["generator_grad_clip"] > 0:
+                torch.nn.utils.clip_grad_norm_(self.generator.parameters(), self.options["generator_grad_clip"])
             self.generator_optimizer.step()
         finally:
             student.requires_grad_(True)
         self.generator_steps += 1
         self.images_synthesized += self.batch_size
+        self.after_generator_step()
         return {"gen_discrepancy": gap.detach()}
+
+    def after_generator_step(self) -> None:
+        """Hook for methods that prepare the round's student batches once the generator moved."""
 
     def sample(self):
         with torch.no_grad():
@@ -89,15 +97,23 @@ class ZSKT(AdversarialGeneratorSynthesizer):
     """Zero-shot knowledge transfer via adversarial belief matching (Micaelli & Storkey,
     NeurIPS 2019, arXiv:1905.09768).
 
-    Generator: ``max_G KL(p_T(G(z)) || p_S(G(z)))``. Student, ``n_s`` steps per generator
-    step on fresh samples::
+    Generator: ``max_G D(T(G(z)), S(G(z)))``. Student, ``n_s`` steps per generator step::
 
-        L_S = KL(p_T || p_S) + beta * sum_l mean (a_S,l - a_T,l)^2
+        L_S = D + beta * sum_l mean (a_S,l - a_T,l)^2
 
     with spatial attention maps ``a = normalize(mean_c f^2)`` of matching blocks (the
-    teacher's and student's ``block_paths``). Paper defaults: batch 128, ``nz=100``, Adam
-    lr 1e-3 (generator) and 2e-3 (student), both cosine annealed, 1 generator and 10 student
-    steps per iteration, ``beta=250``.
+    teacher's and student's ``block_paths``) and ``D = KL(p_T || p_S) / K``: the official
+    code's ``F.kl_div`` with its default ``reduction="mean"`` averages over the ``N x K``
+    elements, i.e. the per-sample KL divided by the number of classes ``K``, which sets the
+    attention term's weight relative to it (``kl_per_class=False``: the per-sample KL).
+    Paper and official-code defaults: batch 128, ``nz=100``, Adam lr 1e-3 (generator) and 2e-3
+    (student), both cosine annealed, gradients clipped to norm 5 (``generator_grad_clip``,
+    ``student_grad_clip``), 1 generator and 10 student steps per iteration, ``beta=250``.
+    As in the official ``LearnableLoader``, the student steps of an iteration all train on one
+    batch: the iteration's latents through the updated generator, relabelled once by the
+    teacher (``repeat_batch``; ``False``: a fresh batch for every student step).
+    The official generator ends in ``BatchNorm(affine=False)`` without DAFL's ``tanh``; this
+    one keeps the ``tanh`` (:class:`generators.networks.DCGANGenerator`).
     """
 
     defaults = {
@@ -107,10 +123,15 @@ class ZSKT(AdversarialGeneratorSynthesizer):
         "student_lr": 2e-3,
         "student_schedule": "cosine",
         "student_steps_per_round": 10,
+        "student_grad_clip": 5.0,
+        "generator_grad_clip": 5.0,
         "at_beta": 250.0,
+        "kl_per_class": True,
+        "repeat_batch": True,
     }
 
     _taps = None
+    _round_batch: SyntheticBatch | None = None
 
     def attach_student(self, student):
         """Pair the teacher's and student's block outputs for attention transfer."""
@@ -130,13 +151,28 @@ class ZSKT(AdversarialGeneratorSynthesizer):
         )
 
     def discrepancy(self, student_logits, teacher_logits):
-        return kl_teacher_student(student_logits, teacher_logits)
+        kl = kl_teacher_student(student_logits, teacher_logits)
+        return kl / teacher_logits.shape[1] if self.options["kl_per_class"] else kl
+
+    def after_generator_step(self):
+        if self.options["repeat_batch"]:
+            with torch.no_grad():
+                images = self.generator(self.round_latents)
+            self._round_batch = SyntheticBatch(images, self.teacher_logits(images))
+            self.images_synthesized += self.batch_size
+
+    def sample(self):
+        if self.options["repeat_batch"] and self._round_batch is not None:
+            return self._round_batch
+        return super().sample()
 
     def student_losses(self, student, batch):
-        teacher_logits = self.teacher_logits(batch.images)
+        # the attention term reads the teacher's features of this forward pass
+        reuse = batch.teacher_logits is not None and self._taps is None
+        teacher_logits = batch.teacher_logits if reuse else self.teacher_logits(batch.images)
         with self.autocast():
             student_logits = student(batch.images).float()
-        losses = {"kl": kl_teacher_student(student_logits, teacher_logits)}
+        losses = {"kl": self.discrepancy(student_logits, teacher_logits)}
         if self._taps is not None:
             t_tap, s_tap = self._taps
             at = sum(attention_transfer_loss(s_tap[s], t_tap[t].detach()) for t, s in self.block_pairs)

@@ -243,7 +243,9 @@ class Synthesizer:
     - ``student_optimizer`` (``"adam"``/``"sgd"``), ``student_lr``, ``student_weight_decay``,
       ``student_momentum``, ``student_schedule`` (``"cosine"``/``"constant"``/``"step"``) —
       read by the engine to build the student's optimiser;
-    - ``student_steps_per_round``: student steps per synthesis round.
+    - ``student_steps_per_round``: student steps per synthesis round;
+    - ``student_grad_clip``: clip the student's gradient to this l2 norm before each step
+      (0: off; ZSKT's official code clips at 5).
     """
 
     name = "base"
@@ -256,6 +258,7 @@ class Synthesizer:
         "student_momentum": 0.9,
         "student_schedule": "cosine",
         "student_steps_per_round": 1,
+        "student_grad_clip": 0.0,
     }
     defaults: dict = {}
 

@@ -56,6 +56,20 @@ def test_resume_gives_the_same_result_as_an_uninterrupted_run(tmp_path, method, 
     assert json.loads((tmp_path / "full" / "summary.json").read_text())["student_accuracy"] == summary["student_accuracy"]
 
 
+def test_student_grad_clip_bounds_each_step(tmp_path):
+    def one_step(clip):
+        run = make_run(tmp_path / f"clip{clip}", steps=1)
+        run.grad_clip = clip
+        run.optimizer = torch.optim.SGD(run.student.parameters(), lr=1.0)  # a step of exactly the gradient
+        run.base_lrs = [1.0]
+        before = [p.detach().clone() for p in run.student.parameters()]
+        run.run()
+        return torch.sqrt(sum(((p.detach() - b) ** 2).sum() for p, b in zip(run.student.parameters(), before)))
+
+    assert one_step(0.0) > 1e-3
+    assert 0 < one_step(1e-6) <= 1.01e-6  # float32 rounding of the weights
+
+
 def test_student_ema_is_the_delivered_student_and_follows_its_formula(tmp_path):
     run = make_run(tmp_path / "ema", steps=12, student_ema=0.5)
     trained = []  # the student's weights after every optimiser step

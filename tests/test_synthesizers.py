@@ -115,6 +115,33 @@ def test_adversarial_generator_step_raises_discrepancy(name, bn_teacher, student
         assert "attention" in losses and losses["attention"].item() > 0
 
 
+def test_zskt_student_steps_of_a_round_share_one_batch_as_in_the_official_code(bn_teacher, student):
+    synth = make("zskt", bn_teacher, batch_size=16, ngf=8)
+    synth.attach_student(student)
+    synth.synthesize(student)
+    first, again = synth.sample(), synth.sample()
+    assert first.images is again.images  # the iteration's latents, relabelled once
+    with torch.no_grad():
+        assert torch.allclose(first.teacher_logits, bn_teacher(first.images), atol=1e-5)
+        assert torch.allclose(first.images, synth.generator(synth.round_latents), atol=1e-6)  # after the G step
+    synth.synthesize(student)
+    assert not torch.equal(synth.sample().images, first.images)
+    fresh = make("zskt", bn_teacher, batch_size=16, ngf=8, repeat_batch=False)
+    fresh.synthesize(student)
+    assert not torch.equal(fresh.sample().images, fresh.sample().images)
+
+
+def test_zskt_divergence_is_the_official_per_element_mean(bn_teacher, student):
+    from dfkd.losses import kl_teacher_student
+
+    s_logits, t_logits = torch.randn(8, 10), torch.randn(8, 10)
+    p_t = torch.softmax(t_logits, 1)  # F.kl_div(log p_S, p_T) with its old default reduction="mean"
+    official = (p_t * (torch.log_softmax(t_logits, 1) - torch.log_softmax(s_logits, 1))).mean()
+    assert torch.allclose(make("zskt", bn_teacher).discrepancy(s_logits, t_logits), official, atol=1e-6)
+    per_sample = make("zskt", bn_teacher, kl_per_class=False).discrepancy(s_logits, t_logits)
+    assert torch.allclose(per_sample, kl_teacher_student(s_logits, t_logits))
+
+
 def test_teacher_stays_in_eval_mode_when_student_trains(bn_teacher, student):
     holder = torch.nn.ModuleDict({"teacher": bn_teacher, "student": student})
     holder.train()
