@@ -91,10 +91,14 @@ class FeatureTap:
         self.close()
 
 
+def _head_path(model: nn.Module) -> str | None:
+    return getattr(model, "head_path", None) or getattr(inner_network(model), "head_path", None)
+
+
 def penultimate_tap(model: nn.Module) -> FeatureTap:
     """A tap on the input of the model's classifier head (``head_path``): its penultimate
-    features, as DAFL's activation loss and the embedding plots need."""
-    head = getattr(model, "head_path", None) or getattr(inner_network(model), "head_path", None)
+    features (the embedding plots; DAFL with ``activation_features="penultimate"``)."""
+    head = _head_path(model)
     if head is None:
         raise FeatureTapError(f"{type(model).__name__} has no head_path; name the feature layer explicitly")
     return FeatureTap(model, [head], capture="input")
@@ -107,12 +111,11 @@ def fc_input_tap(model: nn.Module) -> FeatureTap:
     official code defines its activation loss's ``f_T``. Networks without such a layer (MLPs)
     and teacher ensembles (whose ``head_path`` is not a layer but the junction where every
     member's penultimate features meet) get :func:`penultimate_tap`."""
-    net = inner_network(model)
-    head = getattr(model, "head_path", None) or getattr(net, "head_path", None)
+    head = _head_path(model)
     if head is not None and not isinstance(resolve_module(model, head), nn.Linear):
         return penultimate_tap(model)
     seen_conv = False
-    for path, module in net.named_modules():
+    for path, module in inner_network(model).named_modules():
         if isinstance(module, nn.modules.conv._ConvNd):
             seen_conv = True
         elif isinstance(module, nn.Linear) and seen_conv:

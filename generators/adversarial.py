@@ -33,9 +33,11 @@ class AdversarialGeneratorSynthesizer(Synthesizer):
     def discrepancy(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError("abstract: subclasses define the discrepancy the generator maximises")
 
+    def latents(self, n: int) -> torch.Tensor:
+        return torch.randn(n, self.options["nz"], generator=self.rng).to(self.device)
+
     def generate(self, n: int) -> torch.Tensor:
-        z = torch.randn(n, self.options["nz"], generator=self.rng).to(self.device)
-        return self.generator(z)
+        return self.generator(self.latents(n))
 
     def _set_generator_lr(self):
         o = self.options
@@ -47,7 +49,7 @@ class AdversarialGeneratorSynthesizer(Synthesizer):
     def synthesize(self, student):
         self.generator.train()
         self._set_generator_lr()
-        self.round_latents = torch.randn(self.batch_size, self.options["nz"], generator=self.rng).to(self.device)
+        self.round_latents = self.latents(self.batch_size)
         images = self.generator(self.round_latents)
         student.requires_grad_(False)
         try:
@@ -64,11 +66,7 @@ class AdversarialGeneratorSynthesizer(Synthesizer):
             student.requires_grad_(True)
         self.generator_steps += 1
         self.images_synthesized += self.batch_size
-        self.after_generator_step()
         return {"gen_discrepancy": gap.detach()}
-
-    def after_generator_step(self) -> None:
-        """Hook for methods that prepare the round's student batches once the generator moved."""
 
     def sample(self):
         with torch.no_grad():
@@ -131,7 +129,8 @@ class ZSKT(AdversarialGeneratorSynthesizer):
     }
 
     _taps = None
-    _round_batch: SyntheticBatch | None = None
+    _round_batch: SyntheticBatch | None = None  # repeat_batch: this iteration's student batch
+    _round_teacher_features: dict | None = None  # and the teacher's block outputs on it
 
     def attach_student(self, student):
         """Pair the teacher's and student's block outputs for attention transfer."""
@@ -154,28 +153,35 @@ class ZSKT(AdversarialGeneratorSynthesizer):
         kl = kl_teacher_student(student_logits, teacher_logits)
         return kl / teacher_logits.shape[1] if self.options["kl_per_class"] else kl
 
-    def after_generator_step(self):
-        if self.options["repeat_batch"]:
+    def synthesize(self, student):
+        terms = super().synthesize(student)
+        if self.options["repeat_batch"]:  # relabel the iteration's batch once, features included
             with torch.no_grad():
                 images = self.generator(self.round_latents)
             self._round_batch = SyntheticBatch(images, self.teacher_logits(images))
+            self._round_teacher_features = self._teacher_block_features()
             self.images_synthesized += self.batch_size
+        return terms
+
+    def _teacher_block_features(self) -> dict | None:
+        """The teacher's block outputs of its latest forward pass (``None`` without attention)."""
+        return {t: self._taps[0][t].detach() for t, _ in self.block_pairs} if self._taps is not None else None
 
     def sample(self):
-        if self.options["repeat_batch"] and self._round_batch is not None:
-            return self._round_batch
-        return super().sample()
+        return self._round_batch if self._round_batch is not None else super().sample()
 
     def student_losses(self, student, batch):
-        # the attention term reads the teacher's features of this forward pass
-        reuse = batch.teacher_logits is not None and self._taps is None
-        teacher_logits = batch.teacher_logits if reuse else self.teacher_logits(batch.images)
+        if batch is self._round_batch:
+            teacher_logits, teacher_features = batch.teacher_logits, self._round_teacher_features
+        else:
+            teacher_logits = self.teacher_logits(batch.images)
+            teacher_features = self._teacher_block_features()
         with self.autocast():
             student_logits = student(batch.images).float()
         losses = {"kl": self.discrepancy(student_logits, teacher_logits)}
-        if self._taps is not None:
-            t_tap, s_tap = self._taps
-            at = sum(attention_transfer_loss(s_tap[s], t_tap[t].detach()) for t, s in self.block_pairs)
+        if teacher_features is not None:
+            s_tap = self._taps[1]
+            at = sum(attention_transfer_loss(s_tap[s], teacher_features[t]) for t, s in self.block_pairs)
             losses["attention"] = self.options["at_beta"] * at
         return losses, student_logits, teacher_logits
 
