@@ -13,7 +13,7 @@ from torch import nn
 
 from dfkd import plots
 from dfkd.hooks import penultimate_tap
-from dfkd.quality import sample_quality
+from dfkd.quality import sample_quality, sure_teacher_agreement
 
 #: At most this many images of each set (synthetic, real) go through the teacher.
 MAX_IMAGES = 2000
@@ -42,10 +42,16 @@ def teacher_outputs(teacher: nn.Module, tap, images: torch.Tensor, device) -> tu
 
 
 @torch.no_grad()
+def model_logits(model: nn.Module, images: torch.Tensor, device) -> torch.Tensor:
+    """Logits of ``model`` on ``images`` in batches, float32 on the CPU."""
+    out = [model(images[s : s + BATCH_SIZE].to(device).float()).float().cpu() for s in range(0, images.shape[0], BATCH_SIZE)]
+    return torch.cat(out) if out else torch.zeros(0, 0)
+
+
 def predict_labels(model: nn.Module, images: torch.Tensor, device) -> torch.Tensor:
     """Arg-max predictions of ``model`` on ``images`` in batches, on the CPU."""
-    out = [model(images[s : s + BATCH_SIZE].to(device).float()).argmax(dim=1).cpu() for s in range(0, images.shape[0], BATCH_SIZE)]
-    return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
+    logits = model_logits(model, images, device)
+    return logits.argmax(dim=1) if logits.numel() else torch.zeros(0, dtype=torch.long)
 
 
 def confusion_matrix(predictions: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -67,7 +73,8 @@ def analyze_run(run_dir, teacher: nn.Module, student: nn.Module, synthetic_image
     ``confusion.png`` (the student on all given real images); ``curves.png`` when
     ``metrics.csv`` exists. Models must already be on ``device``; the teacher is left in eval
     mode, the student's train/eval mode is restored afterwards. Returns the quality dict plus ``plots``, the file names
-    written.
+    written, and, with real images, ``sure_teacher``: the student's agreement with the teacher on
+    all real images split by the teacher's confidence (:func:`dfkd.quality.sure_teacher_agreement`).
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -88,6 +95,7 @@ def analyze_run(run_dir, teacher: nn.Module, student: nn.Module, synthetic_image
             real, real_y = _subset(real_images, real_labels)
             _, real_features = teacher_outputs(teacher, tap, real, device)
             student_predictions = predict_labels(student, real_images, device)
+            teacher_real_logits = model_logits(teacher, real_images, device)
     finally:
         tap.close()
         student.train(student_mode)
@@ -96,6 +104,8 @@ def analyze_run(run_dir, teacher: nn.Module, student: nn.Module, synthetic_image
     names = list(class_names) if class_names else [str(k) for k in range(num_classes)]
     synth_predictions = synth_logits.argmax(dim=1)
     result = sample_quality(synth_logits, synth_features, real_features)
+    if with_real:
+        result["sure_teacher"] = sure_teacher_agreement(teacher_real_logits, student_predictions)
 
     written = [
         plots.plot_samples(synth, synth_logits, names, run_dir / "samples.png", real_images=real, real_labels=real_y),

@@ -258,7 +258,8 @@ def _analyze(out: Path, teacher, student, synth, eval_data, meta, device, n_samp
         print(f"warning: plots/metrics failed: {exc}", file=sys.stderr)
         return {"analysis_error": str(exc)}
     plots = result.pop("plots", [])
-    return {"sample_quality": result, "plots": plots}
+    sure_teacher = result.pop("sure_teacher", None)
+    return {"sample_quality": result, "plots": plots, **({"sure_teacher": sure_teacher} if sure_teacher else {})}
 
 
 def _write_report(out: Path) -> None:

@@ -107,11 +107,41 @@ def _per_class(summary: dict) -> list[str]:
     accuracies = summary.get("per_class_accuracy")
     if not isinstance(accuracies, (list, tuple)) or not accuracies:
         return []
-    names = summary.get("class_names")
-    names = [str(n) for n in names] if isinstance(names, (list, tuple)) else []
-    names += [str(k) for k in range(len(names), len(accuracies))]
+    names = _class_names(summary, len(accuracies))
     rows = [(names[k], _percent(value) or "– (no test examples)") for k, value in enumerate(accuracies)]
     return ["## Per-class student accuracy", ""] + _table(rows, header=("Class", "Accuracy")) + [""]
+
+
+def _class_names(summary: dict, count: int) -> list[str]:
+    names = summary.get("class_names")
+    names = [str(n) for n in names] if isinstance(names, (list, tuple)) else []
+    return names + [str(k) for k in range(len(names), count)]
+
+
+def _sure_teacher(summary: dict) -> list[str]:
+    """The student against a teacher that is sure (``summary["sure_teacher"]``, see
+    :func:`dfkd.quality.sure_teacher_agreement`)."""
+    sure = summary.get("sure_teacher")
+    if not isinstance(sure, dict) or sure.get("sure_fraction") is None:
+        return []
+    threshold = _number(sure.get("threshold"))
+    threshold_text = f"{threshold:.2f}" if threshold is not None else "the threshold"
+    rows = [
+        (f"Real test images the teacher is sure of (confidence >= {threshold_text})", _percent(sure.get("sure_fraction"))),
+        ("Student-teacher agreement on those", _percent(sure.get("sure_agreement"))),
+        ("Student-teacher agreement on the others", _percent(sure.get("unsure_agreement"))),
+    ]
+    lines = ["## Where the student parts from a sure teacher", ""]
+    lines += _table([(name, value) for name, value in rows if value is not None])
+    misses = [m for m in sure.get("misses") or [] if isinstance(m, dict)]
+    if misses:
+        count = max(max(int(m.get("teacher", 0)), int(m.get("student", 0))) for m in misses) + 1
+        names = _class_names(summary, count)
+        lines += ["", "Most frequent misses among the images the teacher is sure of (a data-free student that misses "
+                      "these has not seen those modes of the data):", ""]
+        lines += _table([(f"{names[int(m['teacher'])]} -> {names[int(m['student'])]}", f"{int(m['count'])} of {int(m['of'])}")
+                         for m in misses], header=("Teacher -> student", "Images"))
+    return lines + [""]
 
 
 def _figures(run_dir: Path) -> list[str]:
@@ -129,7 +159,8 @@ def write_report(run_dir) -> Path:
     run" (``summary["command"]``, ``config.yaml``, the method's options); a table of the
     numbers (accuracies, agreement, steps, wall time, images synthesized and per second, the
     ``summary["sample_quality"]`` metrics); per-class accuracy (names from
-    ``summary["class_names"]``); and the figures present (``samples.png``, ``classes.png``,
+    ``summary["class_names"]``); the student's agreement with a sure teacher and its most
+    frequent misses there (``summary["sure_teacher"]``); and the figures present (``samples.png``, ``classes.png``,
     ``embedding.png``, ``confusion.png``, ``curves.png``), each with a sentence on what it
     shows.
     """
@@ -140,7 +171,7 @@ def write_report(run_dir) -> Path:
     lines += [f"Run directory: `{run_dir.name}`", ""]
     if note:
         lines += [f"_{note}_", ""]
-    for section in (_what_was_run(run_dir, summary), _numbers(summary), _per_class(summary), _figures(run_dir)):
+    for section in (_what_was_run(run_dir, summary), _numbers(summary), _per_class(summary), _sure_teacher(summary), _figures(run_dir)):
         lines += section
     path = run_dir / "report.md"
     tmp = run_dir / f".report.md.tmp{os.getpid()}"

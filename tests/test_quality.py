@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from dfkd.quality import class_balance, diversity, frechet_distance, mean_confidence, sample_quality
+from dfkd.quality import class_balance, diversity, frechet_distance, mean_confidence, sample_quality, sure_teacher_agreement
 
 
 def test_class_balance_uniform_single_and_known_histogram():
@@ -73,3 +73,30 @@ def test_sample_quality_keys_and_values():
     assert result["frechet_distance"] is None
     assert result["diversity"] == pytest.approx(diversity(feats))
     assert sample_quality(logits, feats, real_features=feats)["frechet_distance"] == pytest.approx(0.0, abs=1e-6)
+
+
+def test_sure_teacher_agreement_splits_by_confidence_and_counts_misses():
+    sure, unsure = 8.0, 0.1  # softmax max ~0.999 vs ~0.36 over 3 classes
+    logits = torch.tensor([
+        [sure, 0, 0],       # teacher sure of 0, student 0: agree
+        [sure, 0, 0],       # sure of 0, student 2: miss 0 -> 2
+        [sure, 0, 0],       # sure of 0, student 2: miss 0 -> 2
+        [0, sure, 0],       # sure of 1, student 0: miss 1 -> 0
+        [0, sure, 0],       # sure of 1, student 1: agree
+        [unsure, 0, 0],     # unsure (class 0), student 0: agree
+        [0, 0, unsure],     # unsure (class 2), student 1: disagree
+    ])
+    student = torch.tensor([0, 2, 2, 0, 1, 0, 1])
+    result = sure_teacher_agreement(logits, student, threshold=0.9, top=5)
+    assert result["threshold"] == 0.9
+    assert result["sure_fraction"] == pytest.approx(5 / 7)
+    assert result["sure_agreement"] == pytest.approx(2 / 5)
+    assert result["unsure_agreement"] == pytest.approx(1 / 2)
+    assert result["misses"] == [{"teacher": 0, "student": 2, "count": 2, "of": 3},
+                                {"teacher": 1, "student": 0, "count": 1, "of": 2}]
+    assert sure_teacher_agreement(logits, student, top=1)["misses"] == [{"teacher": 0, "student": 2, "count": 2, "of": 3}]
+    # nobody sure: the sure part is empty, not a division by zero
+    none_sure = sure_teacher_agreement(logits[5:], student[5:])
+    assert none_sure["sure_fraction"] == 0.0 and none_sure["sure_agreement"] is None and none_sure["misses"] == []
+    with pytest.raises(ValueError, match="teacher logits for 6 predictions"):
+        sure_teacher_agreement(logits, student[:6])

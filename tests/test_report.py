@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from dfkd.analysis import analyze_run, confusion_matrix
-from dfkd.quality import class_balance
+from dfkd.quality import class_balance, sure_teacher_agreement
 from dfkd.report import write_report
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -46,7 +46,7 @@ def test_analyze_run_writes_plots_and_returns_metrics(tmp_path):
 
     result = analyze_run(tmp_path, teacher, student, synthetic, real, real_labels, class_names=NAMES)
 
-    assert set(result) == {"class_balance", "mean_confidence", "diversity", "frechet_distance", "plots"}
+    assert set(result) == {"class_balance", "mean_confidence", "diversity", "frechet_distance", "sure_teacher", "plots"}
     assert sorted(result["plots"]) == sorted(["samples.png", "classes.png", "embedding.png", "confusion.png", "curves.png"])
     for name in result["plots"]:
         assert (tmp_path / name).read_bytes()[:8] == PNG_SIGNATURE
@@ -54,6 +54,10 @@ def test_analyze_run_writes_plots_and_returns_metrics(tmp_path):
         expected_balance = class_balance(teacher(synthetic).argmax(1), 4)
     assert result["class_balance"] == pytest.approx(expected_balance)
     assert result["frechet_distance"] is not None and result["diversity"] > 0
+    with torch.no_grad():  # the sure-teacher split covers every real image, not the 2000-image subset
+        expected_sure = sure_teacher_agreement(teacher(real), student.eval()(real).argmax(1))
+    student.train()
+    assert result["sure_teacher"] == expected_sure
     assert student.training and not teacher.training
     assert not teacher.fc._forward_pre_hooks, "the penultimate tap was not removed"
 
@@ -63,6 +67,7 @@ def test_analyze_run_without_real_images(tmp_path):
     result = analyze_run(tmp_path, teacher, TinyCNN().eval(), torch.rand(10, 1, 8, 8))
     assert result["plots"] == ["samples.png", "classes.png"]
     assert result["frechet_distance"] is None
+    assert "sure_teacher" not in result
 
 
 def test_confusion_matrix_counts():
@@ -84,6 +89,8 @@ def test_write_report_full_run_dir(tmp_path):
         "per_class_accuracy": [0.5, None, 1.0, 0.25],
         "class_names": NAMES,
         "sample_quality": {"class_balance": 0.75, "mean_confidence": 0.6, "diversity": 3.25, "frechet_distance": None},
+        "sure_teacher": {"threshold": 0.9, "sure_fraction": 0.75, "sure_agreement": 0.92, "unsure_agreement": None,
+                         "misses": [{"teacher": 3, "student": 1, "count": 7, "of": 40}]},
     }
     (tmp_path / "summary.json").write_text(json.dumps(summary), encoding="utf-8")
     (tmp_path / "config.yaml").write_text("method: dafl\nsteps: 200\n", encoding="utf-8")
@@ -98,6 +105,9 @@ def test_write_report_full_run_dir(tmp_path):
     for number in ("95.12%", "87.34%", "90.00%", "200", "6400", "160.0", "0.7500", "3.2500"):
         assert number in text, number
     assert "| three | 25.00% |" in text and "| one | – (no test examples) |" in text
+    assert "(confidence >= 0.90) | 75.00% |" in text and "| Student-teacher agreement on those | 92.00% |" in text
+    assert "agreement on the others" not in text  # no unsure images: the row is left out
+    assert "| three -> one | 7 of 40 |" in text
     assert "![samples](samples.png)" in text and "![curves](curves.png)" in text
     assert "embedding.png" not in text and "confusion.png" not in text
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
