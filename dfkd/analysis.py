@@ -95,7 +95,6 @@ def analyze_run(run_dir, teacher: nn.Module, student: nn.Module, synthetic_image
             real, real_y = _subset(real_images, real_labels)
             _, real_features = teacher_outputs(teacher, tap, real, device)
             student_predictions = predict_labels(student, real_images, device)
-            teacher_real_logits = model_logits(teacher, real_images, device)
     finally:
         tap.close()
         student.train(student_mode)
@@ -104,8 +103,8 @@ def analyze_run(run_dir, teacher: nn.Module, student: nn.Module, synthetic_image
     names = list(class_names) if class_names else [str(k) for k in range(num_classes)]
     synth_predictions = synth_logits.argmax(dim=1)
     result = sample_quality(synth_logits, synth_features, real_features)
-    if with_real:
-        result["sure_teacher"] = sure_teacher_agreement(teacher_real_logits, student_predictions)
+    if with_real:  # on every real image, after the tap is gone (it only feeds the 2000-image subset)
+        result["sure_teacher"] = sure_teacher_agreement(model_logits(teacher, real_images, device), student_predictions)
 
     written = [
         plots.plot_samples(synth, synth_logits, names, run_dir / "samples.png", real_images=real, real_labels=real_y),

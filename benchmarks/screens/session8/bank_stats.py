@@ -2,16 +2,19 @@
 overall and per teacher-predicted class (mean brightness, share of pixels over 0.5, the teacher's
 mean confidence). Usage (repo root): PYTHONPATH=. .venv/bin/python benchmarks/screens/session8/bank_stats.py RUN_DIR"""
 import sys
+
 import torch
-from dfkd.data import load_dataset
+
+from common import TEACHER, load_bank, load_model
 from dfkd.analysis import model_logits
-from teachers.checkpoint import load_checkpoint
+from dfkd.data import load_dataset
+
 torch.set_num_threads(1)
-bank = torch.load(f"{sys.argv[1]}/synthesizer.pt", weights_only=False, map_location="cpu")["state"]["pool"]["images"]
+bank = load_bank(sys.argv[1])
 real = load_dataset("fashion-mnist", split="train").images[:20000]
-T, _ = load_checkpoint("benchmarks/teachers/fm_lenet5_bn_seed0.pt"); T.eval()
+teacher = load_model(TEACHER)
 for name, x in (("bank", bank), ("real", real)):
-    lg = model_logits(T, x, "cpu"); c = lg.argmax(1); conf = lg.softmax(1).max(1).values
+    lg = model_logits(teacher, x, "cpu"); c = lg.argmax(1); conf = lg.softmax(1).max(1).values
     print(name, "mean %.3f std %.3f zero-ish(<0.05) %.2f bright(>0.5) %.2f" % (x.mean(), x.std(), (x < 0.05).float().mean(), (x > 0.5).float().mean()))
     print("  per-class mean brightness:", " ".join("%.2f" % x[c == k].mean() for k in range(10)))
     print("  per-class bright fraction:", " ".join("%.2f" % (x[c == k] > 0.5).float().mean() for k in range(10)))

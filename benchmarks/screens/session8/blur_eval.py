@@ -1,22 +1,24 @@
 """Session-8 diagnostic: test accuracy of each given checkpoint on Fashion-MNIST test images
 blurred with a 5x5 Gaussian of sigma 0 / 0.5 / 0.75 / 1. Usage (repo root):
 PYTHONPATH=. .venv/bin/python benchmarks/screens/session8/blur_eval.py CHECKPOINT..."""
-import sys, torch
+import sys
+
+import torch
 import torchvision.transforms.functional as TF
+
+from common import load_model
+from dfkd.analysis import predict_labels
 from dfkd.data import load_dataset
-from teachers.checkpoint import load_checkpoint
+
 torch.set_num_threads(1)
 test = load_dataset("fashion-mnist", split="test")
-X, y = test.images, test.labels
-def acc(model, sigma):
-    model.eval(); correct = 0
-    with torch.no_grad():
-        for i in range(0, len(X), 2000):
-            x = X[i:i+2000]
-            if sigma > 0:
-                x = TF.gaussian_blur(x, [5, 5], [sigma, sigma])
-            correct += (model(x).argmax(1) == y[i:i+2000]).sum().item()
-    return correct / len(X)
+
+
+def accuracy(model, sigma):
+    images = TF.gaussian_blur(test.images, [5, 5], [sigma, sigma]) if sigma > 0 else test.images
+    return (predict_labels(model, images, "cpu") == test.labels).double().mean().item()
+
+
 for path in sys.argv[1:]:
-    m, _ = load_checkpoint(path)
-    print(path, " ".join(f"s{s}:{acc(m, s)*100:.2f}" for s in (0, 0.5, 0.75, 1.0)))
+    model = load_model(path)
+    print(path, " ".join(f"s{s}:{accuracy(model, s)*100:.2f}" for s in (0, 0.5, 0.75, 1.0)))

@@ -7,18 +7,16 @@ import sys
 
 import torch
 
+from common import TEACHER, load_model
 from dfkd.analysis import model_logits, predict_labels
 from dfkd.data import load_dataset
 from dfkd.quality import sure_teacher_agreement
-from teachers.checkpoint import load_checkpoint
 
 torch.set_num_threads(1)
 images = load_dataset("fashion-mnist", split="train").images
-teacher, _ = load_checkpoint("benchmarks/teachers/fm_lenet5_bn_seed0.pt")
-teacher_logits = model_logits(teacher.eval(), images, "cpu")
+teacher_logits = model_logits(load_model(TEACHER), images, "cpu")
 for path in sys.argv[1:]:
-    student, _ = load_checkpoint(path)
-    result = sure_teacher_agreement(teacher_logits, predict_labels(student.eval(), images, "cpu"), top=6)
+    result = sure_teacher_agreement(teacher_logits, predict_labels(load_model(path), images, "cpu"), top=6)
     print(f"{path}: sure {result['sure_fraction']:.1%}, agreement there {result['sure_agreement']:.2%}, "
           f"on the rest {result['unsure_agreement']:.2%}")
     print("  misses (teacher -> student: count of sure):",
