@@ -37,6 +37,8 @@ RUNS = ROOT / "benchmarks" / "runs"
 TEACHERS = ROOT / "benchmarks" / "teachers"
 TEACHER = TEACHERS / "fm_lenet5_bn_seed0.pt"
 TEACHER_PLAIN = TEACHERS / "fm_lenet5_seed0.pt"
+# A second zoo member for the best-zoo row: its BatchNorm statistics are a prior (--bn-prior).
+TEACHER_RESNET8 = TEACHERS / "fm_resnet8_seed0.pt"
 ZOO_TEACHERS = TEACHERS / "zoo"
 ZOO_DIR = RUNS / "zoo"
 
@@ -68,6 +70,8 @@ ROWS: dict[str, tuple[str, str]] = {
                 "train-teacher --dataset fashion-mnist --arch lenet5_bn --epochs 15 --quiet"),
     "teacher-plain": ("teacher lenet5 (no BN), labels, real data (15 epochs)",
                       "train-teacher --dataset fashion-mnist --arch lenet5 --epochs 15 --quiet"),
+    "teacher-resnet8": ("zoo member resnet8 (the best-zoo row's BN prior), labels, real data (5 epochs)",
+                        "train-teacher --dataset fashion-mnist --arch resnet8 --epochs 5 --quiet"),
     "student-labels": ("student lenet5_half, labels, real data (15 epochs)",
                        "train-teacher --dataset fashion-mnist --arch lenet5_half --epochs 15 --quiet"),
     "kd-real": ("KD with all real train images (upper bound)",
@@ -88,6 +92,8 @@ ROWS: dict[str, tuple[str, str]] = {
                    + " --config configs/fashion-mnist/bench-dfad.yaml"),
     "fast": ("Fast (CPU budget recipe)", DISTILL + " --config configs/fashion-mnist/bench-fast.yaml"),
     "best": ("best data-free recipe (configs/fashion-mnist/best.yaml)", DISTILL + " --config configs/fashion-mnist/best.yaml"),
+    "best-zoo": ("best recipe + a resnet8 trained on the same data as BN-statistics prior (--bn-prior; a two-model zoo)",
+                 DISTILL + " --config configs/fashion-mnist/best.yaml --bn-prior {teacher_resnet8}"),
     "amal-a": ("amalgamation (a): lenet5_bn 0-4 + resnet8 5-9, data-free (Fast), concat",
                AMALGAMATE.format(zoo="a", recipe="fast") + " --combine concat"),
     "amal-a-real": ("amalgamation (a) on real unlabeled images, concat",
@@ -135,7 +141,7 @@ def run_one(row: str, seed: int) -> dict:
     """Run one row for one seed in a subprocess; return (and store) its record."""
     description, template = ROWS[row]
     out = RUNS / row / f"seed{seed}"
-    args = template.format(teacher=TEACHER, teacher_plain=TEACHER_PLAIN, zoo_dir=ZOO_DIR)
+    args = template.format(teacher=TEACHER, teacher_plain=TEACHER_PLAIN, teacher_resnet8=TEACHER_RESNET8, zoo_dir=ZOO_DIR)
     if args.startswith("train-teacher"):
         args += f" --seed {seed} --out {out}.pt"
     else:
@@ -192,10 +198,15 @@ def adopt_teacher(row: str, path: Path) -> None:
     record_path.write_text(json.dumps(record, indent=2))
 
 
+KEPT_TEACHER_ROWS = ("teacher", "teacher-plain", "teacher-resnet8")  # seed 0 is the checkpoint in benchmarks/teachers/
+
+
 def ensure_teachers(jobs: int, rows) -> None:
     adopt_teacher("teacher", TEACHER)
     adopt_teacher("teacher-plain", TEACHER_PLAIN)
+    adopt_teacher("teacher-resnet8", TEACHER_RESNET8)
     wanted = [("teacher", TEACHER)] + ([("teacher-plain", TEACHER_PLAIN)] if any(r.endswith("-plain") for r in rows) else [])
+    wanted += [("teacher-resnet8", TEACHER_RESNET8)] if any(r in ("best-zoo", "teacher-resnet8") for r in rows) else []
     needed = [(row, path) for row, path in wanted if not path.exists()]
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         for (row, path) in needed:
@@ -340,7 +351,7 @@ def main(argv=None) -> int:
         ensure_teachers(args.jobs, args.rows)
         ensure_zoos(args.rows)
         todo = [(row, seed) for row in args.rows for seed in args.seeds
-                if not (row in ("teacher", "teacher-plain") and seed == 0 and (RESULTS / row / "seed0.json").exists())]
+                if not (row in KEPT_TEACHER_ROWS and seed == 0 and (RESULTS / row / "seed0.json").exists())]
         with ThreadPoolExecutor(max_workers=args.jobs) as pool:
             list(pool.map(lambda job: run_one(*job), todo))
         print(f"all runs finished in {time.perf_counter() - started:.0f}s")

@@ -126,6 +126,7 @@ DISTILL_DEFAULTS = {
     "checkpoint_every": 0,
     "student_ema": 0.0,
     "samples": 512,
+    "bn_priors": [],
     "options": {},
 }
 
@@ -201,9 +202,10 @@ def run_distillation(cfg: dict, args, resume: bool = False, teacher_override=Non
         train = load_dataset(cfg["eval_dataset"] or meta["dataset"], "train", root=cfg["data_root"],
                              download=cfg["download"], classes=classes, image_size=height)
         options["images"] = train.images
+    bn_priors, prior_records = load_bn_priors(cfg["bn_priors"], meta, device)
     make_synthesizer = synthesizer_factory or create_synthesizer
     synth = make_synthesizer(cfg["method"], teacher, image_shape=meta["image_shape"], num_classes=len(classes),
-                             device=device, seed=cfg["seed"], **options)
+                             device=device, seed=cfg["seed"], **({"bn_priors": bn_priors} if bn_priors else {}), **options)
     options.pop("images", None)
     cfg = dict(cfg, options=dict(synth.options))  # resolved: every method option with its value
     write_yaml(out / "config.yaml", cfg)
@@ -223,7 +225,8 @@ def run_distillation(cfg: dict, args, resume: bool = False, teacher_override=Non
                    checkpoint_every=cfg["checkpoint_every"], progress=not args.quiet, seed=cfg["seed"],
                    student_ema=float(cfg["student_ema"] or 0.0),
                    extra_summary={"command": "dfkd " + " ".join(sys.argv[1:]), "student": cfg["student"],
-                                  "class_names": list(meta["class_names"]), "device": str(device)}),
+                                  "class_names": list(meta["class_names"]), "device": str(device),
+                                  **({"bn_priors": prior_records} if prior_records else {})}),
         eval_data=eval_data, student_meta=student_meta, teacher_accuracy=meta.get("test_accuracy"), device=device,
     )
     if resume:
@@ -236,6 +239,30 @@ def run_distillation(cfg: dict, args, resume: bool = False, teacher_override=Non
     atomic_json(out / "summary.json", summary)
     _write_report(out)
     return summary
+
+
+def load_bn_priors(paths, meta: dict, device) -> tuple[list, list[dict]]:
+    """The frozen BN-prior models of ``--bn-prior`` / ``bn_priors`` (:mod:`generators.priors`)
+    and a record of each for the summary. Each must take the teacher's images (same image
+    shape); one trained on another data set only earns a warning."""
+    from teachers import freeze, load_checkpoint
+
+    models, records = [], []
+    for path in paths or []:
+        if not Path(path).is_file():
+            raise CLIError(f"BN prior {path}: no such file; give a checkpoint written by dfkd train-teacher or dfkd import-weights")
+        model, prior_meta = load_checkpoint(path, map_location="cpu")
+        shape = list(prior_meta.get("image_shape", []))
+        if shape != list(meta["image_shape"]):
+            raise CLIError(f"BN prior {path} takes images of shape {shape}, the teacher {list(meta['image_shape'])}; "
+                           "a prior must be trained on the teacher's kind of images")
+        if prior_meta.get("dataset") != meta.get("dataset"):
+            print(f"warning: BN prior {path} was trained on {prior_meta.get('dataset')!r}, the teacher on "
+                  f"{meta.get('dataset')!r}; its statistics pull the images towards its own data", file=sys.stderr)
+        models.append(freeze(model.to(device)))
+        records.append({"path": str(path), "arch": getattr(model, "arch", None), "dataset": prior_meta.get("dataset"),
+                        "classes": len(prior_meta.get("classes", [])), "test_accuracy": prior_meta.get("test_accuracy")})
+    return models, records
 
 
 def _analyze(out: Path, teacher, student, synth, eval_data, meta, device, n_samples: int) -> dict:
@@ -448,6 +475,9 @@ def add_run_arguments(p) -> None:
     p.add_argument("--checkpoint-every", type=int, help="save resumable state every N steps (default 0: at the end)")
     p.add_argument("--student-ema", type=float, help="keep a moving average of the student's weights with this decay (e.g. 0.999) and deliver it (default 0: off)")
     p.add_argument("--samples", type=int, help="synthesized images kept for plots (default 512)")
+    p.add_argument("--bn-prior", dest="bn_priors", action="append", metavar="CHECKPOINT",
+                   help="deepinversion/fast: another trained model of the same images whose BatchNorm statistics "
+                        "the synthesized images must match too (repeatable; e.g. a zoo member of another architecture)")
     for flag, (_, kind, text) in METHOD_FLAGS.items():
         name = "--" + flag.replace("_", "-")
         if kind is bool:

@@ -84,6 +84,12 @@ def check_type(key: str, value, default):
         if not isinstance(value, dict):
             raise ConfigError(f"{key} must be a mapping, got {value!r}")
         return value
+    if isinstance(default, list):
+        if isinstance(value, str):  # one item
+            return [value]
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{key} must be a list of strings (e.g. file paths), got {value!r}")
+        return list(value)
     return value
 
 

@@ -72,6 +72,15 @@ def _what_was_run(run_dir: Path, summary: dict) -> list[str]:
     if command:
         command = shlex.join(map(str, command)) if isinstance(command, (list, tuple)) else str(command)
         lines += ["Command:", "", "```bash", command, "```", ""]
+    priors = summary.get("bn_priors")
+    if isinstance(priors, list) and priors:
+        lines += ["BN-statistics priors (their BatchNorm statistics joined the teacher's in the inversion):", ""]
+        for prior in priors:
+            if isinstance(prior, dict):
+                accuracy = _percent(prior.get("test_accuracy"))
+                lines.append(f"- `{prior.get('path')}`: {prior.get('arch')}, {prior.get('classes')} classes of "
+                             f"{prior.get('dataset')}" + (f", test accuracy {accuracy}" if accuracy else ""))
+        lines.append("")
     config = run_dir / "config.yaml"
     if config.exists():
         try:

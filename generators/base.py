@@ -18,13 +18,14 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
 
 from dfkd.hooks import BNStatisticsHook
 from dfkd.losses import kd_loss
+from generators.priors import BNPriors
 
 _REGISTRY: dict[str, type["Synthesizer"]] = {}
 
@@ -246,6 +247,10 @@ class Synthesizer:
     - ``student_steps_per_round``: student steps per synthesis round;
     - ``student_grad_clip``: clip the student's gradient to this l2 norm before each step
       (0: off; ZSKT's official code clips at 5).
+
+    ``bn_priors`` (not an option: frozen models, see :mod:`generators.priors`) are further
+    networks of the same input domain whose BatchNorm statistics the images must match too;
+    only methods with ``uses_bn_statistics = True`` accept them.
     """
 
     name = "base"
@@ -261,9 +266,18 @@ class Synthesizer:
         "student_grad_clip": 0.0,
     }
     defaults: dict = {}
+    #: whether the method matches BatchNorm statistics (and so can use ``bn_priors``)
+    uses_bn_statistics = False
 
-    def __init__(self, teacher: nn.Module, image_shape, num_classes: int, device="cpu", seed: int = 0, **options):
+    def __init__(self, teacher: nn.Module, image_shape, num_classes: int, device="cpu", seed: int = 0,
+                 bn_priors: Sequence[nn.Module] = (), **options):
         self.teacher = teacher
+        self.bn_prior_models = list(bn_priors or ())
+        if self.bn_prior_models and not self.uses_bn_statistics:
+            users = ", ".join(n for n in list_synthesizers() if synthesizer_class(n).uses_bn_statistics)
+            raise SynthesizerOptionError(
+                f"method {self.name!r} does not match BatchNorm statistics, so BN priors (--bn-prior) would do nothing; "
+                f"use one of: {users}")
         self.image_shape = tuple(int(v) for v in image_shape)
         self.num_classes = int(num_classes)
         self.device = torch.device(device)
@@ -309,6 +323,14 @@ class Synthesizer:
         if self.device.type == "cuda":
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
+
+    def build_bn_priors(self, momentum: float = 0.0, first_layer_weight: float = 1.0) -> BNPriors:
+        """The hooks of this run's ``bn_priors`` (:class:`generators.priors.BNPriors`), with
+        the method's BN momentum and first-layer weight; refused when the BN term is off."""
+        if self.bn_prior_models and not self.options.get("bn_weight"):
+            raise SynthesizerOptionError(f"{self.name}: BN priors were given but bn_weight is 0, so their term would "
+                                         "be multiplied by 0; drop --bn-prior or set bn_weight above 0")
+        return BNPriors(self.bn_prior_models, self.name, momentum=momentum, first_layer_weight=first_layer_weight)
 
     def teacher_logits(self, images: torch.Tensor) -> torch.Tensor:
         with torch.no_grad(), self.autocast():

@@ -57,8 +57,13 @@ class DeepInversion(Synthesizer):
     classes 0-4 holds the statistics of those images only. Measured on the digits
     amalgamation test (two disjoint-half teachers, 120 steps): 19% with it against 60%
     without, so the paper's whole-batch matching stays the default.
+
+    Extension (none by default): ``bn_priors``, other networks of the same input domain whose
+    BN-statistics term ``L_bn_prior`` joins the objective with weight ``bn_weight``
+    (:mod:`generators.priors`).
     """
 
+    uses_bn_statistics = True
     defaults = {
         "synthesis_batch_size": 256,
         "iterations": 2000,
@@ -91,6 +96,7 @@ class DeepInversion(Synthesizer):
         super().__init__(teacher, image_shape, num_classes, device, seed, **options)
         o = self.options
         self.bn_hook = bn_statistics_hook(teacher, "deepinversion", o["bn_weight"], first_layer_weight=o["first_bn_weight"])
+        self.bn_priors = self.build_bn_priors(first_layer_weight=o["first_bn_weight"])
         mean, std = teacher_stats(teacher, self.image_shape[0])
         self.pixel_mean = mean.view(1, -1, 1, 1).to(self.device)
         self.pixel_std = std.view(1, -1, 1, 1).to(self.device)
@@ -117,6 +123,9 @@ class DeepInversion(Synthesizer):
             logits = self.teacher(x).float()
         terms = {"ce": F.cross_entropy(logits, targets)}
         terms["bn"] = self.bn_hook.loss() if len(self.bn_hook) else logits.new_zeros(())
+        if len(self.bn_priors):  # other zoo members' BN statistics (generators.priors)
+            with self.autocast():
+                terms["bn_prior"] = self.bn_priors.loss(x)
         # priors are computed only when weighted (each costs a pass over the batch)
         for name, prior in (("tv_l2", total_variation_l2), ("tv_l1", total_variation_l1), ("l2", l2_prior)):
             if o[f"{name}_weight"]:
@@ -129,7 +138,7 @@ class DeepInversion(Synthesizer):
 
     def weighted_total(self, terms: dict[str, torch.Tensor]) -> torch.Tensor:
         o = self.options
-        weights = {"ce": 1.0, "bn": o["bn_weight"], "tv_l2": o["tv_l2_weight"], "tv_l1": o["tv_l1_weight"],
+        weights = {"ce": 1.0, "bn": o["bn_weight"], "bn_prior": o["bn_weight"], "tv_l2": o["tv_l2_weight"], "tv_l1": o["tv_l1_weight"],
                    "l2": o["l2_weight"], "adi": o["adi_weight"]}
         return sum(weights[name] * value for name, value in terms.items())
 

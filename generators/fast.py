@@ -65,13 +65,16 @@ class Fast(Synthesizer):
     ensemble, ``ensemble_bn_by_target`` (off by default) matches each member's BN
     statistics on the images targeted at its own classes (:func:`dfkd.hooks.member_sample_masks`),
     which only separates the members' images when the generator is class-conditional;
-    ``first_bn_weight`` (1, i.e. off, by default): the first BN layer's term is multiplied by
+    ``bn_priors`` (none by default; :mod:`generators.priors`): other networks of the same
+    input domain add their BN-statistics term, ``L_bn_prior``, with weight ``bn_weight`` and
+    the same momentum; ``first_bn_weight`` (1, i.e. off, by default): the first BN layer's term is multiplied by
     it, as in the official DeepInversion ImageNet code (10 there); ``balance_classes`` (off by default): each bank image is filed under the teacher's
     prediction and the student draws classes uniformly (:class:`generators.base.ImagePool`).
     An unconditional generator does not follow the one-hot targets in two steps, so its bank
     is as unbalanced as what it happens to make (on Fashion-MNIST: 1% ankle boots, 18% coats).
     """
 
+    uses_bn_statistics = True
     defaults = {
         "nz": 256,
         "ngf": 64,
@@ -110,6 +113,7 @@ class Fast(Synthesizer):
             raise SynthesizerOptionError("fast: iterations must be at least 1")
         self.bn_hook = bn_statistics_hook(teacher, "fast", o["bn_weight"], momentum=o["bn_momentum"],
                                           first_layer_weight=o["first_bn_weight"])
+        self.bn_priors = self.build_bn_priors(momentum=o["bn_momentum"], first_layer_weight=o["first_bn_weight"])
         torch.manual_seed(seed)
         self.generator = DCGANGenerator(o["nz"], self.image_shape, o["ngf"], output="sigmoid",
                                         num_classes=self.num_classes if o["class_conditional"] else 0).to(self.device)
@@ -127,6 +131,9 @@ class Fast(Synthesizer):
             teacher_logits = self.teacher(seen).float()
         terms = {"oh": F.cross_entropy(teacher_logits, targets)}
         terms["bn"] = self.bn_hook.loss() if len(self.bn_hook) else teacher_logits.new_zeros(())
+        if len(self.bn_priors):
+            with self.autocast():
+                terms["bn_prior"] = self.bn_priors.loss(seen)
         if adversarial:
             with self.autocast():
                 student_logits = student(seen).float()
@@ -135,7 +142,7 @@ class Fast(Synthesizer):
 
     def weighted_total(self, terms: dict[str, torch.Tensor]) -> torch.Tensor:
         o = self.options
-        weights = {"oh": o["oh_weight"], "bn": o["bn_weight"], "adv": o["adv_weight"]}
+        weights = {"oh": o["oh_weight"], "bn": o["bn_weight"], "bn_prior": o["bn_weight"], "adv": o["adv_weight"]}
         return sum(weights[name] * value for name, value in terms.items())
 
     def synthesis_round(self, student, adversarial: bool) -> dict[str, torch.Tensor]:
@@ -176,6 +183,7 @@ class Fast(Synthesizer):
         else:  # plain generator training: keep the adapted weights
             self.generator.load_state_dict(fast.state_dict())
         self.bn_hook.update_momentum()
+        self.bn_priors.update_momentum()
         best_images = best_images.clamp(0, 1)
         labels = self.teacher_logits(best_images).argmax(1) if o["balance_classes"] else None
         self.pool.add(best_images, labels)
@@ -221,6 +229,7 @@ class Fast(Synthesizer):
             meta_optimizer=self.meta_optimizer.state_dict(),
             pool=self.pool.state_dict(),
             bn_averages=self.bn_hook.state_dict(),
+            bn_prior_averages=self.bn_priors.state_dict(),
             rounds=self.rounds,
         )
         return state
@@ -231,4 +240,5 @@ class Fast(Synthesizer):
         self.meta_optimizer.load_state_dict(state["meta_optimizer"])
         self.pool.load_state_dict(state["pool"], self.device)
         self.bn_hook.load_state_dict(state["bn_averages"], self.device)
+        self.bn_priors.load_state_dict(state.get("bn_prior_averages"), self.device)
         self.rounds = int(state["rounds"])
