@@ -133,3 +133,16 @@ def test_data_free_amalgamation_with_deepinversion_beats_chance(digits_zoo, tmp_
     assert summary["images_synthesized"] == 3 * 64
     assert summary["student_accuracy"] > 0.3  # chance is 0.1; about 0.6 when written
     assert "uhc" in run.metrics[-1]
+
+
+def test_amalgamate_accepts_bn_priors(digits_zoo, tmp_path):
+    """--bn-prior works for zoos too: here a member's own checkpoint is a prior of the whole batch."""
+    out = tmp_path / "prior"
+    code = main(["amalgamate", "--zoo", str(digits_zoo), "--method", "fast", "--combine", "concat", "--steps", "4",
+                 "--device", "cpu", "--out", str(out), "--quiet", "--bn-prior", str(digits_zoo.parent / "digits_low.pt"),
+                 "samples=32", "options.ngf=8", "options.synthesis_batch_size=16", "options.warmup_rounds=1",
+                 "options.student_steps_per_round=2"])
+    assert code == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert [prior["classes"] for prior in summary["bn_priors"]] == [5]
+    assert "inv_bn_prior" in (out / "metrics.csv").read_text().splitlines()[0]
