@@ -37,8 +37,13 @@ RUNS = ROOT / "benchmarks" / "runs"
 TEACHERS = ROOT / "benchmarks" / "teachers"
 TEACHER = TEACHERS / "fm_lenet5_bn_seed0.pt"
 TEACHER_PLAIN = TEACHERS / "fm_lenet5_seed0.pt"
-# A second zoo member for the best-zoo row: its BatchNorm statistics are a prior (--bn-prior).
+# Further zoo members for the best-zoo row, whose BatchNorm statistics are priors (--bn-prior).
 TEACHER_RESNET8 = TEACHERS / "fm_resnet8_seed0.pt"
+TEACHER_SEED1 = TEACHERS / "fm_lenet5_bn_seed1.pt"
+# The teacher checkpoints kept in git: row -> (checkpoint, the seed of the row's command that made it).
+KEPT_TEACHERS = {"teacher": (TEACHER, 0), "teacher-plain": (TEACHER_PLAIN, 0), "teacher-seed1": (TEACHER_SEED1, 1),
+                 "teacher-resnet8": (TEACHER_RESNET8, 0)}
+BEST_ZOO_PRIORS = ["teacher-resnet8", "teacher-seed1"]
 ZOO_TEACHERS = TEACHERS / "zoo"
 ZOO_DIR = RUNS / "zoo"
 
@@ -70,7 +75,9 @@ ROWS: dict[str, tuple[str, str]] = {
                 "train-teacher --dataset fashion-mnist --arch lenet5_bn --epochs 15 --quiet"),
     "teacher-plain": ("teacher lenet5 (no BN), labels, real data (15 epochs)",
                       "train-teacher --dataset fashion-mnist --arch lenet5 --epochs 15 --quiet"),
-    "teacher-resnet8": ("zoo member resnet8 (the best-zoo row's BN prior), labels, real data (5 epochs)",
+    "teacher-seed1": ("zoo member: a second lenet5_bn (seed 1; a BN prior of best-zoo), labels, real data (15 epochs)",
+                      "train-teacher --dataset fashion-mnist --arch lenet5_bn --epochs 15 --quiet"),
+    "teacher-resnet8": ("zoo member: resnet8 (a BN prior of best-zoo), labels, real data (5 epochs)",
                         "train-teacher --dataset fashion-mnist --arch resnet8 --epochs 5 --quiet"),
     "student-labels": ("student lenet5_half, labels, real data (15 epochs)",
                        "train-teacher --dataset fashion-mnist --arch lenet5_half --epochs 15 --quiet"),
@@ -92,8 +99,9 @@ ROWS: dict[str, tuple[str, str]] = {
                    + " --config configs/fashion-mnist/bench-dfad.yaml"),
     "fast": ("Fast (CPU budget recipe)", DISTILL + " --config configs/fashion-mnist/bench-fast.yaml"),
     "best": ("best data-free recipe (configs/fashion-mnist/best.yaml)", DISTILL + " --config configs/fashion-mnist/best.yaml"),
-    "best-zoo": ("best recipe + a resnet8 trained on the same data as BN-statistics prior (--bn-prior; a two-model zoo)",
-                 DISTILL + " --config configs/fashion-mnist/best.yaml --bn-prior {teacher_resnet8}"),
+    "best-zoo": ("best recipe + the BN statistics of the zoo members above as priors (--bn-prior); KD from the teacher alone",
+                 DISTILL + " --config configs/fashion-mnist/best.yaml"
+                 + "".join(f" --bn-prior {KEPT_TEACHERS[row][0]}" for row in BEST_ZOO_PRIORS)),
     "amal-a": ("amalgamation (a): lenet5_bn 0-4 + resnet8 5-9, data-free (Fast), concat",
                AMALGAMATE.format(zoo="a", recipe="fast") + " --combine concat"),
     "amal-a-real": ("amalgamation (a) on real unlabeled images, concat",
@@ -141,7 +149,7 @@ def run_one(row: str, seed: int) -> dict:
     """Run one row for one seed in a subprocess; return (and store) its record."""
     description, template = ROWS[row]
     out = RUNS / row / f"seed{seed}"
-    args = template.format(teacher=TEACHER, teacher_plain=TEACHER_PLAIN, teacher_resnet8=TEACHER_RESNET8, zoo_dir=ZOO_DIR)
+    args = template.format(teacher=TEACHER, teacher_plain=TEACHER_PLAIN, zoo_dir=ZOO_DIR)
     if args.startswith("train-teacher"):
         args += f" --seed {seed} --out {out}.pt"
     else:
@@ -181,36 +189,35 @@ def run_one(row: str, seed: int) -> dict:
     return record
 
 
-def adopt_teacher(row: str, path: Path) -> None:
-    """Record a teacher checkpoint that is already there (trained earlier by the same
-    ``dfkd train-teacher`` command, seed 0) instead of training it again."""
+def adopt_teacher(row: str) -> None:
+    """Record a kept teacher checkpoint (:data:`KEPT_TEACHERS`, trained earlier by the row's
+    ``dfkd train-teacher`` command) instead of training it again."""
     import torch
 
-    record_path = RESULTS / row / "seed0.json"
+    path, seed = KEPT_TEACHERS[row]
+    record_path = RESULTS / row / f"seed{seed}.json"
     if record_path.exists() or not path.exists():
         return
     meta = torch.load(path, map_location="cpu", weights_only=True)["meta"]
-    args = ROWS[row][1] + f" --seed 0 --out {path}"
-    record = {"row": row, "description": ROWS[row][0], "seed": 0, "command": "dfkd " + args, "returncode": 0,
+    args = ROWS[row][1] + f" --seed {seed} --out {path}"
+    record = {"row": row, "description": ROWS[row][0], "seed": seed, "command": "dfkd " + args, "returncode": 0,
               "student_accuracy": meta["test_accuracy"], "wall_seconds": meta.get("train_seconds"),
               "peak_rss_mib": None, "note": "checkpoint trained before this benchmark run; its own train_seconds"}
     record_path.parent.mkdir(parents=True, exist_ok=True)
     record_path.write_text(json.dumps(record, indent=2))
 
 
-KEPT_TEACHER_ROWS = ("teacher", "teacher-plain", "teacher-resnet8")  # seed 0 is the checkpoint in benchmarks/teachers/
-
-
 def ensure_teachers(jobs: int, rows) -> None:
-    adopt_teacher("teacher", TEACHER)
-    adopt_teacher("teacher-plain", TEACHER_PLAIN)
-    adopt_teacher("teacher-resnet8", TEACHER_RESNET8)
-    wanted = [("teacher", TEACHER)] + ([("teacher-plain", TEACHER_PLAIN)] if any(r.endswith("-plain") for r in rows) else [])
-    wanted += [("teacher-resnet8", TEACHER_RESNET8)] if any(r in ("best-zoo", "teacher-resnet8") for r in rows) else []
-    needed = [(row, path) for row, path in wanted if not path.exists()]
+    """Adopt the kept teacher checkpoints and train those the requested rows need but lack."""
+    for row in KEPT_TEACHERS:
+        adopt_teacher(row)
+    wanted = {"teacher"} | ({"teacher-plain"} if any(r.endswith("-plain") for r in rows) else set())
+    wanted |= set(BEST_ZOO_PRIORS) if "best-zoo" in rows else set()
+    wanted |= {row for row in rows if row in KEPT_TEACHERS}
+    needed = [row for row in KEPT_TEACHERS if row in wanted and not KEPT_TEACHERS[row][0].exists()]
     with ThreadPoolExecutor(max_workers=jobs) as pool:
-        for (row, path) in needed:
-            pool.submit(_train_teacher_into, row, path)
+        for row in needed:
+            pool.submit(_train_teacher_into, row, *KEPT_TEACHERS[row])
 
 
 def ensure_zoos(rows) -> None:
@@ -235,9 +242,9 @@ def ensure_zoos(rows) -> None:
         subprocess.run(dfkd_command(f"zoo build {folder} --out {ZOO_DIR / f'zoo_{zoo}.yaml'}"), cwd=ROOT, env=env, check=True)
 
 
-def _train_teacher_into(row: str, path: Path) -> None:
-    record = run_one(row, 0)
-    produced = RUNS / row / "seed0.pt"
+def _train_teacher_into(row: str, path: Path, seed: int) -> None:
+    record = run_one(row, seed)
+    produced = RUNS / row / f"seed{seed}.pt"
     if record["returncode"] == 0:
         path.parent.mkdir(parents=True, exist_ok=True)
         os.replace(produced, path)
@@ -351,7 +358,7 @@ def main(argv=None) -> int:
         ensure_teachers(args.jobs, args.rows)
         ensure_zoos(args.rows)
         todo = [(row, seed) for row in args.rows for seed in args.seeds
-                if not (row in KEPT_TEACHER_ROWS and seed == 0 and (RESULTS / row / "seed0.json").exists())]
+                if not (row in KEPT_TEACHERS and seed == KEPT_TEACHERS[row][1] and (RESULTS / row / f"seed{seed}.json").exists())]
         with ThreadPoolExecutor(max_workers=args.jobs) as pool:
             list(pool.map(lambda job: run_one(*job), todo))
         print(f"all runs finished in {time.perf_counter() - started:.0f}s")
