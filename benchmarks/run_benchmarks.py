@@ -40,10 +40,13 @@ TEACHER_PLAIN = TEACHERS / "fm_lenet5_seed0.pt"
 # Further zoo members for the best-zoo row, whose BatchNorm statistics are priors (--bn-prior).
 TEACHER_RESNET8 = TEACHERS / "fm_resnet8_seed0.pt"
 TEACHER_SEED1 = TEACHERS / "fm_lenet5_bn_seed1.pt"
+TEACHER_HALF_BN = TEACHERS / "fm_lenet5_half_bn_seed0.pt"
 # The teacher checkpoints kept in git: row -> (checkpoint, the seed of the row's command that made it).
 KEPT_TEACHERS = {"teacher": (TEACHER, 0), "teacher-plain": (TEACHER_PLAIN, 0), "teacher-seed1": (TEACHER_SEED1, 1),
-                 "teacher-resnet8": (TEACHER_RESNET8, 0)}
-BEST_ZOO_PRIORS = ["teacher-resnet8", "teacher-seed1"]
+                 "teacher-resnet8": (TEACHER_RESNET8, 0), "teacher-half-bn": (TEACHER_HALF_BN, 0)}
+# zoo row -> the kept teachers whose BN statistics are its priors
+ZOO_PRIORS = {"best-zoo": ["teacher-resnet8", "teacher-seed1"],
+              "best-zoo3": ["teacher-resnet8", "teacher-seed1", "teacher-half-bn"]}
 ZOO_TEACHERS = TEACHERS / "zoo"
 ZOO_DIR = RUNS / "zoo"
 
@@ -79,6 +82,8 @@ ROWS: dict[str, tuple[str, str]] = {
                       "train-teacher --dataset fashion-mnist --arch lenet5_bn --epochs 15 --quiet"),
     "teacher-resnet8": ("zoo member: resnet8 (a BN prior of best-zoo), labels, real data (5 epochs)",
                         "train-teacher --dataset fashion-mnist --arch resnet8 --epochs 5 --quiet"),
+    "teacher-half-bn": ("zoo member: lenet5_half_bn (a BN prior of best-zoo3), labels, real data (15 epochs)",
+                        "train-teacher --dataset fashion-mnist --arch lenet5_half_bn --epochs 15 --quiet"),
     "student-labels": ("student lenet5_half, labels, real data (15 epochs)",
                        "train-teacher --dataset fashion-mnist --arch lenet5_half --epochs 15 --quiet"),
     "kd-real": ("KD with all real train images (upper bound)",
@@ -99,9 +104,12 @@ ROWS: dict[str, tuple[str, str]] = {
                    + " --config configs/fashion-mnist/bench-dfad.yaml"),
     "fast": ("Fast (CPU budget recipe)", DISTILL + " --config configs/fashion-mnist/bench-fast.yaml"),
     "best": ("best data-free recipe (configs/fashion-mnist/best.yaml)", DISTILL + " --config configs/fashion-mnist/best.yaml"),
-    "best-zoo": ("best recipe + the BN statistics of the zoo members above as priors (--bn-prior); KD from the teacher alone",
+    "best-zoo": ("best recipe + BN-statistics priors (--bn-prior) resnet8 and lenet5_bn seed 1; KD from the teacher alone",
                  DISTILL + " --config configs/fashion-mnist/best.yaml"
-                 + "".join(f" --bn-prior {KEPT_TEACHERS[row][0]}" for row in BEST_ZOO_PRIORS)),
+                 + "".join(f" --bn-prior {KEPT_TEACHERS[row][0]}" for row in ZOO_PRIORS["best-zoo"])),
+    "best-zoo3": ("best-zoo + a third BN prior, lenet5_half_bn (the student's architecture with BN)",
+                  DISTILL + " --config configs/fashion-mnist/best.yaml"
+                  + "".join(f" --bn-prior {KEPT_TEACHERS[row][0]}" for row in ZOO_PRIORS["best-zoo3"])),
     "amal-a": ("amalgamation (a): lenet5_bn 0-4 + resnet8 5-9, data-free (Fast), concat",
                AMALGAMATE.format(zoo="a", recipe="fast") + " --combine concat"),
     "amal-a-real": ("amalgamation (a) on real unlabeled images, concat",
@@ -212,7 +220,7 @@ def ensure_teachers(jobs: int, rows) -> None:
     for row in KEPT_TEACHERS:
         adopt_teacher(row)
     wanted = {"teacher"} | ({"teacher-plain"} if any(r.endswith("-plain") for r in rows) else set())
-    wanted |= set(BEST_ZOO_PRIORS) if "best-zoo" in rows else set()
+    wanted |= {prior for row in rows for prior in ZOO_PRIORS.get(row, [])}
     wanted |= {row for row in rows if row in KEPT_TEACHERS}
     needed = [row for row in KEPT_TEACHERS if row in wanted and not KEPT_TEACHERS[row][0].exists()]
     with ThreadPoolExecutor(max_workers=jobs) as pool:
