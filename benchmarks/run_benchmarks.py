@@ -328,7 +328,8 @@ def write_report() -> Path:
         ))
     text = f"""# Fashion-MNIST results
 
-Teacher `lenet5_bn` (and `lenet5` where the method applies) -> student `lenet5_half`, real
+Teacher `lenet5_bn` (and `lenet5` where the method applies) -> student `lenet5_half` (the
+`best-zoo*` rows also match the BN statistics of the `teacher-*` zoo members; KD stays the teacher's), real
 Fashion-MNIST from Debian's `dataset-fashion-mnist` (images resized to 32 px). Final
 accuracy on the 10k test split (never a best-epoch pick), mean ± std over the seeds listed.
 Each run uses one CPU thread; wall seconds are the run's own (training/distillation loop),
