@@ -67,8 +67,8 @@ class Fast(Synthesizer):
     which only separates the members' images when the generator is class-conditional;
     ``bn_priors`` (none by default; :mod:`generators.priors`): other networks of the same
     input domain add their BN-statistics term, ``L_bn_prior``, with weight ``bn_weight`` and
-    the same momentum; ``first_bn_weight`` (1, i.e. off, by default): the first BN layer's term is multiplied by
-    it, as in the official DeepInversion ImageNet code (10 there); ``balance_classes`` (off by default): each bank image is filed under the teacher's
+    the same momentum; ``first_bn_weight`` (1, i.e. off, by default): the first BN layer's
+    term is multiplied by it, as in the official DeepInversion ImageNet code (10 there); ``balance_classes`` (off by default): each bank image is filed under the teacher's
     prediction and the student draws classes uniformly (:class:`generators.base.ImagePool`).
     An unconditional generator does not follow the one-hot targets in two steps, so its bank
     is as unbalanced as what it happens to make (on Fashion-MNIST: 1% ankle boots, 18% coats).
