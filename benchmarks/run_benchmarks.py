@@ -73,6 +73,14 @@ PUBLISHED = {
 DISTILL = "distill --teacher {teacher} --student lenet5_half --quiet"
 AMALGAMATE = ("amalgamate --zoo {{zoo_dir}}/zoo_{zoo}.yaml --student lenet5_half --quiet"
               " --config configs/fashion-mnist/amalgamate-{recipe}.yaml")
+BEST_RECIPE = DISTILL + " --config configs/fashion-mnist/best.yaml"
+
+
+def bn_prior_flags(row: str) -> str:
+    """`` --bn-prior CHECKPOINT`` for each kept teacher that is a BN prior of ``row``."""
+    return "".join(f" --bn-prior {KEPT_TEACHERS[prior][0]}" for prior in ZOO_PRIORS[row])
+
+
 ROWS: dict[str, tuple[str, str]] = {
     "teacher": ("teacher lenet5_bn, labels, real data (15 epochs)",
                 "train-teacher --dataset fashion-mnist --arch lenet5_bn --epochs 15 --quiet"),
@@ -103,13 +111,11 @@ ROWS: dict[str, tuple[str, str]] = {
     "dfad-plain": ("DFAD, teacher lenet5 (no BN)", DISTILL.replace("{teacher}", "{teacher_plain}")
                    + " --config configs/fashion-mnist/bench-dfad.yaml"),
     "fast": ("Fast (CPU budget recipe)", DISTILL + " --config configs/fashion-mnist/bench-fast.yaml"),
-    "best": ("best data-free recipe (configs/fashion-mnist/best.yaml)", DISTILL + " --config configs/fashion-mnist/best.yaml"),
+    "best": ("best data-free recipe (configs/fashion-mnist/best.yaml)", BEST_RECIPE),
     "best-zoo": ("best recipe + BN-statistics priors (--bn-prior) resnet8 and lenet5_bn seed 1; KD from the teacher alone",
-                 DISTILL + " --config configs/fashion-mnist/best.yaml"
-                 + "".join(f" --bn-prior {KEPT_TEACHERS[row][0]}" for row in ZOO_PRIORS["best-zoo"])),
+                 BEST_RECIPE + bn_prior_flags("best-zoo")),
     "best-zoo3": ("best-zoo + a third BN prior, lenet5_half_bn (the student's architecture with BN)",
-                  DISTILL + " --config configs/fashion-mnist/best.yaml"
-                  + "".join(f" --bn-prior {KEPT_TEACHERS[row][0]}" for row in ZOO_PRIORS["best-zoo3"])),
+                  BEST_RECIPE + bn_prior_flags("best-zoo3")),
     "amal-a": ("amalgamation (a): lenet5_bn 0-4 + resnet8 5-9, data-free (Fast), concat",
                AMALGAMATE.format(zoo="a", recipe="fast") + " --combine concat"),
     "amal-a-real": ("amalgamation (a) on real unlabeled images, concat",

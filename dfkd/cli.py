@@ -245,7 +245,7 @@ def load_bn_priors(paths, meta: dict, device) -> tuple[list, list[dict]]:
     """The frozen BN-prior models of ``--bn-prior`` / ``bn_priors`` (:mod:`generators.priors`)
     and a record of each for the summary. Each must take the teacher's images (same image
     shape); one trained on another data set only earns a warning."""
-    from teachers import freeze, load_checkpoint
+    from teachers import load_checkpoint
 
     models, records = [], []
     for path in paths or []:
@@ -259,7 +259,7 @@ def load_bn_priors(paths, meta: dict, device) -> tuple[list, list[dict]]:
         if prior_meta.get("dataset") != meta.get("dataset"):
             print(f"warning: BN prior {path} was trained on {prior_meta.get('dataset')!r}, the teacher on "
                   f"{meta.get('dataset')!r}; its statistics pull the images towards its own data", file=sys.stderr)
-        models.append(freeze(model.to(device)))
+        models.append(model.to(device))  # generators.priors.BNPriors freezes them
         records.append({"path": str(path), "arch": getattr(model, "arch", None), "dataset": prior_meta.get("dataset"),
                         "classes": len(prior_meta.get("classes", [])), "test_accuracy": prior_meta.get("test_accuracy")})
     return models, records

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from dfkd.hooks import BNStatisticsHook
+from teachers.normalize import freeze
 
 
 class BNPriorError(ValueError):
@@ -45,7 +46,7 @@ class BNPriors:
     """
 
     def __init__(self, models: Sequence[nn.Module], method: str, momentum: float = 0.0, first_layer_weight: float = 1.0):
-        self.models = [model.eval().requires_grad_(False) for model in models]  # frozen: running statistics stay put
+        self.models = [freeze(model) for model in models]  # running statistics stay put
         self.hooks: list[BNStatisticsHook] = []
         for k, model in enumerate(self.models):
             hook = BNStatisticsHook(model, momentum=momentum, first_layer_weight=first_layer_weight)

@@ -1,8 +1,9 @@
-"""Session-8 diagnostic: student-teacher agreement on the real Fashion-MNIST *training* images,
-split by the teacher's confidence (>= 0.9 or not), with the most frequent (teacher class ->
-student class) misses among the sure ones (:func:`dfkd.quality.sure_teacher_agreement`, which
-run reports now show for the test images). Usage (repo root):
-PYTHONPATH=. .venv/bin/python benchmarks/screens/session8/train_fit.py STUDENT_CHECKPOINT..."""
+"""Session-8 diagnostic: student-teacher agreement on the real Fashion-MNIST *training* images
+(``--split test``: the test images, as run reports show them since session 8; for runs older than
+that section), split by the teacher's confidence (>= 0.9 or not), with the most frequent (teacher
+class -> student class) misses among the sure ones (:func:`dfkd.quality.sure_teacher_agreement`).
+Usage (repo root):
+PYTHONPATH=. .venv/bin/python benchmarks/screens/session8/train_fit.py [--split test] STUDENT_CHECKPOINT..."""
 import sys
 
 import torch
@@ -13,9 +14,13 @@ from dfkd.data import load_dataset
 from dfkd.quality import sure_teacher_agreement
 
 torch.set_num_threads(1)
-images = load_dataset("fashion-mnist", split="train").images
+args = sys.argv[1:]
+split = "train"
+if args[:1] == ["--split"]:
+    split, args = args[1], args[2:]
+images = load_dataset("fashion-mnist", split=split).images
 teacher_logits = model_logits(load_model(TEACHER), images, "cpu")
-for path in sys.argv[1:]:
+for path in args:
     result = sure_teacher_agreement(teacher_logits, predict_labels(load_model(path), images, "cpu"), top=6)
     print(f"{path}: sure {result['sure_fraction']:.1%}, agreement there {result['sure_agreement']:.2%}, "
           f"on the rest {result['unsure_agreement']:.2%}")
