@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from dfkd.hooks import BNStatisticsHook
-from teachers.normalize import freeze
+from teachers import freeze
 
 
 class BNPriorError(ValueError):
