@@ -181,7 +181,7 @@ def run_one(row: str, seed: int) -> dict:
     peak_kb = next((int(line.split()[1]) for line in proc.stderr.splitlines() if line.startswith("PEAK_RSS_KB")), None)
     record = {"row": row, "description": description, "seed": seed, "command": "dfkd " + args, "returncode": proc.returncode,
               "wall_seconds_total": round(wall, 1), "peak_rss_mib": None if peak_kb is None else round(peak_kb / 1024, 1),
-              "teachers": teachers}
+              "teachers": teachers, "machine": machine()}
     if proc.returncode != 0:
         record["error"] = proc.stderr[-2000:]
     elif args.startswith("train-teacher"):
@@ -290,6 +290,21 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, Python {platform.python_version()}"
 
 
+def machines_used(records) -> str:
+    """Where the runs behind the table ran: each distinct ``machine`` of the run records with
+    its count, and how many records predate the field (sessions before 2026-12-02's eleventh),
+    so a report rebuilt elsewhere (``--report-only``) does not pass its own machine off as theirs."""
+    counts: dict[str, int] = {}
+    for record in records:
+        key = record.get("machine") or ""
+        counts[key] = counts.get(key, 0) + 1
+    parts = [f"{name} ({n} run{'s' if n != 1 else ''})" for name, n in sorted(counts.items()) if name]
+    if counts.get(""):
+        parts.append(f"{counts['']} run{'s' if counts[''] != 1 else ''} recorded before runs named their machine: the 2-core Intel Xeon "
+                     "and AMD EPYC machines of the sessions that ran them, one thread per run")
+    return "; ".join(parts) if parts else "no runs yet"
+
+
 def teachers_used() -> str:
     """A section naming the teacher checkpoints behind each row's seeds (sha256 prefix and
     test accuracy), so a row that mixes teacher files says so."""
@@ -314,12 +329,13 @@ def teachers_used() -> str:
 
 
 def write_report() -> Path:
-    rows = []
+    rows, every_record = [], []
     for row in ROWS:
         records = [json.loads(p.read_text()) for p in sorted((RESULTS / row).glob("seed*.json"))] if (RESULTS / row).exists() else []
         ok = [r for r in records if r.get("returncode") == 0]
         if not records:
             continue
+        every_record += ok
         per_s = [r["images_synthesized"] / r["wall_seconds"] for r in ok if r.get("images_synthesized") and r.get("wall_seconds")]
         rows.append("| {row} | {desc} | {acc} | {agr} | {wall} | {imgs} | {ips} | {mem} | {fd} | {seeds} | {pub} |".format(
             row=row, desc=ROWS[row][0], acc=fmt([r.get("student_accuracy") for r in ok]),
@@ -345,7 +361,8 @@ Regenerate: `.venv/bin/python benchmarks/run_benchmarks.py` (all rows, seeds 0 1
 `--rows ... --seeds ...` for a part; `--report-only` rebuilds this file from
 `benchmarks/results/*/seed*.json`.
 
-Machine: {machine()}. Written {datetime.date.today().isoformat()}.
+Runs ran on: {machines_used(every_record)}. This file was written on {machine()},
+{datetime.date.today().isoformat()}.
 
 | row | what | accuracy % | agreement % | wall s | images synthesized | images/s | peak MiB | Fréchet (teacher features) | seeds | published |
 |---|---|---|---|---|---|---|---|---|---|---|

@@ -54,3 +54,11 @@ def test_report_section_groups_seeds_by_teacher_file(bench):
     line = next(line for line in section.splitlines() if line.startswith("- best:"))
     assert "seeds 0: the first checkpoints" in line
     assert "seeds 1,2: t.pt abcdef012345 (90.82%)" in line
+
+
+def test_report_names_the_runs_machines_not_only_its_own(bench):
+    records = [{"machine": "CPU A, 2 cores"}, {"machine": "CPU A, 2 cores"}, {"machine": "CPU B, 2 cores"}, {}]
+    line = bench.machines_used(records)
+    assert "CPU A, 2 cores (2 runs)" in line and "CPU B, 2 cores (1 run)" in line
+    assert line.count("1 run recorded before runs named their machine") == 1
+    assert bench.machines_used([]) == "no runs yet"
