@@ -34,18 +34,21 @@ def bn_layers(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
 
-def class_moments(features: torch.Tensor, onehot: torch.Tensor):
-    """Per-class channel mean and biased variance of ``features`` (N x C [x H x W]) over the
-    samples whose ``onehot`` (N x K) row marks the class: (K x C, K x C, K counts)."""
+def class_sums(features: torch.Tensor, onehot: torch.Tensor):
+    """Per-class channel sums and sums of squares of ``features`` (N x C [x H x W]) over the
+    samples whose ``onehot`` (N x K) row marks the class, and the count of values behind each
+    (K x C, K x C, K)."""
     f = features.float()
     positions = f[0, 0].numel() if f.dim() > 2 else 1
     flat = f.flatten(2) if f.dim() > 2 else f.unsqueeze(2)
-    sums, squares = flat.sum(2), (flat * flat).sum(2)
-    counts = onehot.sum(0) * positions
+    return onehot.t() @ flat.sum(2), onehot.t() @ (flat * flat).sum(2), onehot.sum(0) * positions
+
+
+def moments(sums: torch.Tensor, squares: torch.Tensor, counts: torch.Tensor):
+    """Mean and biased variance from :func:`class_sums` (classes without values get 0)."""
     safe = counts.clamp_min(1.0).unsqueeze(1)
-    mean = onehot.t() @ sums / safe
-    var = (onehot.t() @ squares / safe - mean * mean).clamp_min(0.0)
-    return mean, var, counts
+    mean = sums / safe
+    return mean, (squares / safe - mean * mean).clamp_min(0.0)
 
 
 def collect(teacher_path: str, out: str) -> None:
@@ -58,28 +61,23 @@ def collect(teacher_path: str, out: str) -> None:
     layers = bn_layers(model)
     seen: dict[int, torch.Tensor] = {}
     handles = [m.register_forward_pre_hook(lambda m, inp, i=i: seen.__setitem__(i, inp[0])) for i, m in enumerate(layers)]
-    k = data.info.num_classes
-    sums = [None] * len(layers)
+    totals = [None] * len(layers)
     with torch.no_grad():
         for x, y in data.batches(1000):
             model(x)
-            onehot = F.one_hot(y, k).float()
+            onehot = F.one_hot(y, data.info.num_classes).float()
             for i in range(len(layers)):
-                f = seen[i].float()
-                positions = f[0, 0].numel() if f.dim() > 2 else 1
-                flat = f.flatten(2) if f.dim() > 2 else f.unsqueeze(2)
-                part = (onehot.t() @ flat.sum(2), onehot.t() @ (flat * flat).sum(2), onehot.sum(0) * positions)
-                sums[i] = part if sums[i] is None else tuple(a + b for a, b in zip(sums[i], part))
+                part = class_sums(seen[i], onehot)
+                totals[i] = part if totals[i] is None else tuple(a + b for a, b in zip(totals[i], part))
     for h in handles:
         h.remove()
     means, variances = [], []
     for i, layer in enumerate(layers):
-        s, sq, n = sums[i]
-        mean = s / n.unsqueeze(1)
-        var = sq / n.unsqueeze(1) - mean * mean
+        mean, var = moments(*totals[i])
         means.append(mean)
         variances.append(var)
-        pooled_mean = (mean * n.unsqueeze(1)).sum(0) / n.sum()
+        counts = totals[i][2].unsqueeze(1)
+        pooled_mean = (mean * counts).sum(0) / counts.sum()
         print(f"layer {i} ({layer.num_features} ch): |pooled mean - running mean| = "
               f"{(pooled_mean - layer.running_mean).norm():.3f} (|running mean| {layer.running_mean.norm():.3f}); "
               f"between-class spread of means {mean.std(0).norm():.3f}")
@@ -117,7 +115,8 @@ class FastClassStats(Fast):
         m = self.options["bn_momentum"]
         total = 0.0
         for i, (target_mean, target_var) in enumerate(self.cc_targets):
-            mean, var, counts = class_moments(self.cc_seen[i], onehot)
+            sums, squares, counts = class_sums(self.cc_seen[i], onehot)
+            mean, var = moments(sums, squares, counts)
             present = (counts > 0).float()
             self.cc_last[i] = (mean.detach(), var.detach(), present)
             if i in self.cc_averages:
