@@ -14,6 +14,7 @@ files. Nothing here is a test: the numbers are measured, never asserted.
 from __future__ import annotations
 
 import argparse
+import collections
 import datetime
 import json
 import os
@@ -294,10 +295,7 @@ def machines_used(records) -> str:
     """Where the runs behind the table ran: each distinct ``machine`` of the run records with
     its count, and how many records predate the field (sessions before 2026-12-02's eleventh),
     so a report rebuilt elsewhere (``--report-only``) does not pass its own machine off as theirs."""
-    counts: dict[str, int] = {}
-    for record in records:
-        key = record.get("machine") or ""
-        counts[key] = counts.get(key, 0) + 1
+    counts = collections.Counter(record.get("machine") or "" for record in records)
     parts = [f"{name} ({n} run{'s' if n != 1 else ''})" for name, n in sorted(counts.items()) if name]
     if counts.get(""):
         parts.append(f"{counts['']} run{'s' if counts[''] != 1 else ''} recorded before runs named their machine: the 2-core Intel Xeon "

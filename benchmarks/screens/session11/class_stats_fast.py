@@ -26,12 +26,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dfkd.hooks import FeatureTap, inner_network
 from generators.base import register_synthesizer
 from generators.fast import Fast
 
 
-def bn_layers(model: nn.Module) -> list[nn.Module]:
-    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+def bn_input_tap(model: nn.Module) -> FeatureTap:
+    """A tap on the inputs of every BatchNorm layer of ``model``, in module order."""
+    paths = [name for name, m in inner_network(model).named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    return FeatureTap(model, paths, capture="input")
+
+
+def blend(new: torch.Tensor, average: torch.Tensor, momentum: float) -> torch.Tensor:
+    """Fast's momentum over rounds: ``(1 - m) new + m average``."""
+    return (1 - momentum) * new + momentum * average
 
 
 def class_sums(features: torch.Tensor, onehot: torch.Tensor):
@@ -58,21 +66,20 @@ def collect(teacher_path: str, out: str) -> None:
     model, _ = load_checkpoint(teacher_path)
     model.eval()
     data = load_dataset("fashion-mnist", split="train")
-    layers = bn_layers(model)
-    seen: dict[int, torch.Tensor] = {}
-    handles = [m.register_forward_pre_hook(lambda m, inp, i=i: seen.__setitem__(i, inp[0])) for i, m in enumerate(layers)]
-    totals = [None] * len(layers)
+    tap = bn_input_tap(model)
+    totals = [None] * len(tap.paths)
     with torch.no_grad():
         for x, y in data.batches(1000):
             model(x)
             onehot = F.one_hot(y, data.info.num_classes).float()
-            for i in range(len(layers)):
-                part = class_sums(seen[i], onehot)
+            for i, path in enumerate(tap.paths):
+                part = class_sums(tap[path], onehot)
                 totals[i] = part if totals[i] is None else tuple(a + b for a, b in zip(totals[i], part))
-    for h in handles:
-        h.remove()
+    tap.close()
+    layers = dict(inner_network(model).named_modules())
     means, variances = [], []
-    for i, layer in enumerate(layers):
+    for i, path in enumerate(tap.paths):
+        layer = layers[path]
         mean, var = moments(*totals[i])
         means.append(mean)
         variances.append(var)
@@ -94,47 +101,34 @@ class FastClassStats(Fast):
     def __init__(self, teacher, image_shape, num_classes, device="cpu", seed=0, **options):
         super().__init__(teacher, image_shape, num_classes, device, seed, **options)
         stats = torch.load(self.options["class_stats"], weights_only=True, map_location=self.device)
-        self.cc_layers = bn_layers(teacher)
-        if len(stats["means"]) != len(self.cc_layers):
+        self.cc_tap = bn_input_tap(teacher)  # the last teacher forward of inversion_terms is the inversion's
+        if len(stats["means"]) != len(self.cc_tap.paths):
             raise SystemExit("class_stats: another teacher's statistics (layer count differs)")
         self.cc_targets = [(m.float(), v.float()) for m, v in zip(stats["means"], stats["variances"])]
-        self.cc_seen: dict[int, torch.Tensor] = {}
-        self.cc_capture = False
         self.cc_averages: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.cc_last: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
-        for i, m in enumerate(self.cc_layers):
-            m.register_forward_pre_hook(lambda m, inp, i=i: self.cc_seen.__setitem__(i, inp[0]) if self.cc_capture else None)
 
     def inversion_terms(self, images, targets, student, adversarial, masks=None):
-        self.cc_capture, self.cc_seen = True, {}
-        try:
-            terms = super().inversion_terms(images, targets, student, adversarial, masks)
-        finally:
-            self.cc_capture = False
+        terms = super().inversion_terms(images, targets, student, adversarial, masks)
         onehot = F.one_hot(targets, self.num_classes).float()
         m = self.options["bn_momentum"]
         total = 0.0
-        for i, (target_mean, target_var) in enumerate(self.cc_targets):
-            sums, squares, counts = class_sums(self.cc_seen[i], onehot)
+        for i, (path, (target_mean, target_var)) in enumerate(zip(self.cc_tap.paths, self.cc_targets)):
+            sums, squares, counts = class_sums(self.cc_tap[path], onehot)
             mean, var = moments(sums, squares, counts)
             present = (counts > 0).float()
             self.cc_last[i] = (mean.detach(), var.detach(), present)
             if i in self.cc_averages:
                 avg_mean, avg_var = self.cc_averages[i]
-                mean = (1 - m) * mean + m * avg_mean
-                var = (1 - m) * var + m * avg_var
+                mean, var = blend(mean, avg_mean, m), blend(var, avg_var, m)
             per_class = (mean - target_mean).norm(dim=1) + (var - target_var).norm(dim=1)
             total = total + (per_class * present).sum() / present.sum().clamp_min(1.0)
         terms["cc"] = total
         return terms
 
     def weighted_total(self, terms):
-        cc = terms.pop("cc", None)
-        total = super().weighted_total(terms)
-        if cc is not None:
-            terms["cc"] = cc
-            total = total + self.options["cc_weight"] * cc
-        return total
+        rest = {name: value for name, value in terms.items() if name != "cc"}
+        return super().weighted_total(rest) + self.options["cc_weight"] * terms["cc"]
 
     def synthesis_round(self, student, adversarial):
         result = super().synthesis_round(student, adversarial)
@@ -142,11 +136,10 @@ class FastClassStats(Fast):
         for i, (mean, var, present) in self.cc_last.items():
             if i not in self.cc_averages:
                 self.cc_averages[i] = (mean, var)
-            else:
-                avg_mean, avg_var = self.cc_averages[i]
-                keep = present.unsqueeze(1)
-                self.cc_averages[i] = (keep * ((1 - m) * mean + m * avg_mean) + (1 - keep) * avg_mean,
-                                       keep * ((1 - m) * var + m * avg_var) + (1 - keep) * avg_var)
+            else:  # classes absent from the last batch keep their average
+                keep = present.unsqueeze(1) > 0
+                self.cc_averages[i] = tuple(torch.where(keep, blend(new, avg, m), avg)
+                                            for new, avg in zip((mean, var), self.cc_averages[i]))
         return result
 
 
