@@ -31,6 +31,22 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 RUNS = ROOT / "benchmarks" / "runs"
+
+
+def rel(path) -> str:
+    """``path`` relative to the repository root when it lies inside it (commands run from the
+    root, and run records must not name the machine's directories), else as given."""
+    path = Path(path)
+    try:
+        return str(path.resolve().relative_to(ROOT))
+    except ValueError:
+        return str(path)
+
+
+def at_root(path) -> Path:
+    """A path from a command line, relative to the repository root unless absolute."""
+    return ROOT / Path(path)
+
 # Teacher checkpoints are kept in git (benchmarks/teachers/, about 1 MB in all): a fresh
 # machine retrains them with the same command, but not bit for bit (the first lenet5_bn
 # teacher reached 90.67%, its retrained copies 90.80-90.82%), so every run records which
@@ -79,7 +95,7 @@ BEST_RECIPE = DISTILL + " --config configs/fashion-mnist/best.yaml"
 
 def bn_prior_flags(row: str) -> str:
     """`` --bn-prior CHECKPOINT`` for each kept teacher that is a BN prior of ``row``."""
-    return "".join(f" --bn-prior {KEPT_TEACHERS[prior][0]}" for prior in ZOO_PRIORS[row])
+    return "".join(f" --bn-prior {rel(KEPT_TEACHERS[prior][0])}" for prior in ZOO_PRIORS[row])
 
 
 ROWS: dict[str, tuple[str, str]] = {
@@ -103,7 +119,7 @@ ROWS: dict[str, tuple[str, str]] = {
     "deepinversion": ("DeepInversion (CPU budget recipe)", DISTILL + " --config configs/fashion-mnist/bench-deepinversion.yaml"),
     "deepinversion-adi": ("DeepInversion + ADI (CPU budget recipe)",
                           DISTILL + " --config configs/fashion-mnist/bench-deepinversion-adi.yaml"),
-    "deepinversion-adi-tv": ("DeepInversion + ADI + TV-l2 2e-2 + mixup (the first session's best recipe)",
+    "deepinversion-adi-tv": ("DeepInversion + ADI + TV-l2 2e-2 + mixup into a pool of inverted batches",
                              DISTILL + " --config configs/fashion-mnist/bench-deepinversion-adi-tv.yaml"),
     "zskt": ("ZSKT (CPU budget recipe)", DISTILL + " --config configs/fashion-mnist/bench-zskt.yaml"),
     "zskt-plain": ("ZSKT, teacher lenet5 (no BN)", DISTILL.replace("{teacher}", "{teacher_plain}")
@@ -148,9 +164,9 @@ def teacher_fingerprints(args: str) -> dict:
 
     import torch
 
-    paths = [Path(a) for a in args.split() if a.endswith(".pt") and Path(a).exists()]
+    paths = [at_root(a) for a in args.split() if a.endswith(".pt") and at_root(a).exists()]
     for a in args.split():
-        if a.endswith(".yaml") and Path(a).parent == ZOO_DIR and Path(a).exists():
+        if a.endswith(".yaml") and at_root(a).parent.resolve() == Path(ZOO_DIR).resolve() and at_root(a).exists():
             paths += sorted((ZOO_DIR / Path(a).stem.removeprefix("zoo_")).glob("*.pt"))
     prints = {}
     for path in paths:
@@ -164,11 +180,11 @@ def run_one(row: str, seed: int) -> dict:
     """Run one row for one seed in a subprocess; return (and store) its record."""
     description, template = ROWS[row]
     out = RUNS / row / f"seed{seed}"
-    args = template.format(teacher=TEACHER, teacher_plain=TEACHER_PLAIN, zoo_dir=ZOO_DIR)
+    args = template.format(teacher=rel(TEACHER), teacher_plain=rel(TEACHER_PLAIN), zoo_dir=rel(ZOO_DIR))
     if args.startswith("train-teacher"):
-        args += f" --seed {seed} --out {out}.pt"
+        args += f" --seed {seed} --out {rel(out)}.pt"
     else:
-        args += f" --seed {seed} --out {out} --overwrite"
+        args += f" --seed {seed} --out {rel(out)} --overwrite"
     env = child_env()
     teachers = {} if args.startswith("train-teacher") else teacher_fingerprints(args)
     started = time.perf_counter()
@@ -214,7 +230,7 @@ def adopt_teacher(row: str) -> None:
     if record_path.exists() or not path.exists():
         return
     meta = torch.load(path, map_location="cpu", weights_only=True)["meta"]
-    args = ROWS[row][1] + f" --seed {seed} --out {path}"
+    args = ROWS[row][1] + f" --seed {seed} --out {rel(path)}"
     record = {"row": row, "description": ROWS[row][0], "seed": seed, "command": "dfkd " + args, "returncode": 0,
               "student_accuracy": meta["test_accuracy"], "wall_seconds": meta.get("train_seconds"),
               "peak_rss_mib": None, "note": "checkpoint trained before this benchmark run; its own train_seconds"}
@@ -248,13 +264,13 @@ def ensure_zoos(rows) -> None:
             checkpoint = ZOO_TEACHERS / f"{member}.pt"
             if not checkpoint.exists():
                 checkpoint.parent.mkdir(parents=True, exist_ok=True)
-                args = f"train-teacher --dataset fashion-mnist --seed 0 --quiet {ZOO_MEMBERS[member]} --out {checkpoint}"
+                args = f"train-teacher --dataset fashion-mnist --seed 0 --quiet {ZOO_MEMBERS[member]} --out {rel(checkpoint)}"
                 print(f"[zoo {zoo}] dfkd {args}", flush=True)
                 subprocess.run(dfkd_command(args), cwd=ROOT, env=env, check=True)
             target = folder / checkpoint.name
             if not target.exists():
                 shutil.copyfile(checkpoint, target)
-        subprocess.run(dfkd_command(f"zoo build {folder} --out {ZOO_DIR / f'zoo_{zoo}.yaml'}"), cwd=ROOT, env=env, check=True)
+        subprocess.run(dfkd_command(f"zoo build {rel(folder)} --out {rel(ZOO_DIR / f'zoo_{zoo}.yaml')}"), cwd=ROOT, env=env, check=True)
 
 
 def _train_teacher_into(row: str, path: Path, seed: int) -> None:
@@ -293,13 +309,14 @@ def machine() -> str:
 
 def machines_used(records) -> str:
     """Where the runs behind the table ran: each distinct ``machine`` of the run records with
-    its count, and how many records predate the field (sessions before 2026-12-02's eleventh),
-    so a report rebuilt elsewhere (``--report-only``) does not pass its own machine off as theirs."""
+    its count, and how many records have no such field (runs made before records named their
+    machine), so a report rebuilt elsewhere (``--report-only``) does not pass its own machine
+    off as theirs."""
     counts = collections.Counter(record.get("machine") or "" for record in records)
     parts = [f"{name} ({n} run{'s' if n != 1 else ''})" for name, n in sorted(counts.items()) if name]
     if counts.get(""):
-        parts.append(f"{counts['']} run{'s' if counts[''] != 1 else ''} recorded before runs named their machine: the 2-core Intel Xeon "
-                     "and AMD EPYC machines of the sessions that ran them, one thread per run")
+        parts.append(f"{counts['']} run{'s' if counts[''] != 1 else ''} recorded before runs named their machine "
+                     "(2-core Intel Xeon and AMD EPYC machines, one thread per run)")
     return "; ".join(parts) if parts else "no runs yet"
 
 
@@ -321,13 +338,89 @@ def teachers_used() -> str:
             lines.append(f"- {row}: " + "; ".join(f"seeds {','.join(seeds)}: {key}" for key, seeds in groups.items()))
     if not lines:
         return ""
-    return ("\n### Teacher checkpoints behind each row\n"
-            "A fresh machine retrains the teachers with the same command, but not bit for bit; these are the files each run used.\n\n"
+    return ("\n## Teacher checkpoints behind each row\n"
+            "Each run's teacher files, by sha256 prefix and test accuracy. A fresh machine retrains the teachers with the "
+            "same command, but not bit for bit; `benchmarks/teachers/README.md` lists the kept checkpoints with their full "
+            "sha256 and the command that made each.\n\n"
             + "\n".join(lines) + "\n")
 
 
+# Throughput measurements of benchmarks/speed.py kept in benchmarks/results/: one table each,
+# (title, [(column label, JSON file), ...], how it was measured).
+SPEED_TABLES = [
+    ("Channels-last generators, before and after (2026-11-22)",
+     [("before", "speed_loaded_machine.json"), ("after", "speed_after_channels_last.json")],
+     "Random LeNet-5-BN teacher, one thread, on a machine loaded by three or four other processes (read the "
+     "rates as lower bounds). Command: `OMP_NUM_THREADS=1 .venv/bin/python benchmarks/speed.py --rounds 2 --json OUT`."),
+    ("Fast against DeepInversion (2026-11-22)",
+     [("", "speed_fast.json")],
+     "A trained `lenet5_bn` teacher, one thread, beside two benchmark runs. Command: "
+     "`OMP_NUM_THREADS=1 .venv/bin/python benchmarks/speed.py --teacher benchmarks/teachers/fm_lenet5_bn_seed0.pt "
+     "--rounds 3 --methods deepinversion deepinversion-adi fast best --json OUT` (`best` is `configs/fashion-mnist/best.yaml`)."),
+]
+
+
+def speed_sections() -> str:
+    """The throughput tables of :data:`SPEED_TABLES` whose JSON files exist."""
+    parts = []
+    for title, files, how in SPEED_TABLES:
+        data = [(label, json.loads((RESULTS / name).read_text())) for label, name in files if (RESULTS / name).exists()]
+        if not data:
+            continue
+        methods = list(dict.fromkeys(m for _, d in data for m in d if not m.startswith("_")))
+        head = ["method"]
+        for label, _ in data:
+            prefix = f"{label}: " if label else ""
+            head += [f"{prefix}images synthesized/s", f"{prefix}student steps/s (batch)"]
+        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for method in methods:
+            cells = [method]
+            for _, d in data:
+                m = d.get(method)
+                cells += (["—", "—"] if m is None else
+                          [f"{m['synthesis_images_per_second']:g}", f"{m['student_steps_per_second']:g} ({m['student_batch']})"])
+            lines.append("| " + " | ".join(cells) + " |")
+        sources = ", ".join(f"`benchmarks/results/{name}`" for _, name in files)
+        parts.append(f"\n### {title}\n{how} Raw numbers: {sources}.\n\n" + "\n".join(lines) + "\n")
+    if not parts:
+        return ""
+    return ("\n## Speed of the methods' hot loops\n"
+            "`benchmarks/speed.py` times a few synthesis rounds and student steps of each method's benchmark recipe "
+            "(`configs/fashion-mnist/bench-*.yaml`); throughput does not depend on the teacher's weights.\n" + "".join(parts))
+
+
+def reading(accuracy: dict[str, str]) -> str:
+    """A short guide to the table; ``accuracy`` maps rows to their formatted accuracy."""
+    acc = lambda row: accuracy.get(row, "not run")  # noqa: E731
+    return f"""
+## Reading the table
+
+- The best data-free rows are `best` ({acc("best")}%: Fast with a small generator and one teacher,
+  `configs/fashion-mnist/best.yaml`) and `best-zoo3` ({acc("best-zoo3")}%: the same with the BatchNorm
+  statistics of three more models trained on the same images as priors, `--bn-prior`). The best published
+  data-free Fashion-MNIST number we know is ZSKD's 79.62%.
+- `kd-real` ({acc("kd-real")}%) trains the same student with the same schedule on all real training
+  images: what separates the data-free rows from it is the synthetic images, not the student or its
+  training. Measured in real images, the `best` bank is worth about 1,000 of them, `best-zoo3`'s about 2,000-3,000.
+- The method rows (`dafl`, `deepinversion*`, `zskt`, `dfad`, `fast`) are the papers' recipes, checked against
+  their official code, at a CPU budget; each config file says what it changes. DFAD's and ZSKT's generators
+  cover a few modes each (hence their seed spread); per-batch DeepInversion sees 6,400-12,800 images.
+- `dafl` and `dafl-plain` distill from our 15-epoch, augmented teachers; from a teacher trained like the
+  official DAFL code's (3 epochs, no augmentation, about 84%) the same recipe reaches about 66%.
+- The `-plain` rows use the `lenet5` teacher without BatchNorm. The Fréchet distance is measured in each
+  row's own teacher's features, so the `-plain` rows' values are on another scale.
+- The `amal-*` rows amalgamate teachers trained on parts of the classes: in (a) two teachers on disjoint
+  halves bound the student by their own concatenated logits (about 59% on real images); in (b) a third,
+  overlapping teacher lets `uhc` reconcile them.
+- Single runs of one recipe differ by up to about one point between seeds.
+
+The findings behind these rows, each with its date and the command that reproduces it, are in
+`docs/experiments.md`.
+"""
+
+
 def write_report() -> Path:
-    rows, every_record = [], []
+    rows, every_record, accuracy = [], [], {}
     for row in ROWS:
         records = [json.loads(p.read_text()) for p in sorted((RESULTS / row).glob("seed*.json"))] if (RESULTS / row).exists() else []
         ok = [r for r in records if r.get("returncode") == 0]
@@ -335,8 +428,9 @@ def write_report() -> Path:
             continue
         every_record += ok
         per_s = [r["images_synthesized"] / r["wall_seconds"] for r in ok if r.get("images_synthesized") and r.get("wall_seconds")]
+        accuracy[row] = fmt([r.get("student_accuracy") for r in ok])
         rows.append("| {row} | {desc} | {acc} | {agr} | {wall} | {imgs} | {ips} | {mem} | {fd} | {seeds} | {pub} |".format(
-            row=row, desc=ROWS[row][0], acc=fmt([r.get("student_accuracy") for r in ok]),
+            row=row, desc=ROWS[row][0], acc=accuracy[row],
             agr=fmt([r.get("agreement") for r in ok]),
             wall=fmt([r.get("wall_seconds") for r in ok], 1, 0),
             imgs=fmt([r.get("images_synthesized") for r in ok], 1, 0),
@@ -357,17 +451,15 @@ peak memory is the run's whole process.
 
 Regenerate: `.venv/bin/python benchmarks/run_benchmarks.py` (all rows, seeds 0 1 2), or
 `--rows ... --seeds ...` for a part; `--report-only` rebuilds this file from
-`benchmarks/results/*/seed*.json`.
+`benchmarks/results/*/seed*.json`. This file is generated: edit `benchmarks/run_benchmarks.py`, not it.
 
 Runs ran on: {machines_used(every_record)}. This file was written on {machine()},
 {datetime.date.today().isoformat()}.
 
 | row | what | accuracy % | agreement % | wall s | images synthesized | images/s | peak MiB | Fréchet (teacher features) | seeds | published |
 |---|---|---|---|---|---|---|---|---|---|---|
-""" + "\n".join(rows) + "\n\nThe commands of every run are in `benchmarks/results/<row>/seed<k>.json`.\n" + teachers_used()
-    notes = ROOT / "benchmarks" / "NOTES.md"
-    if notes.exists():
-        text += "\n" + notes.read_text()
+""" + "\n".join(rows) + "\n\nThe commands of every run are in `benchmarks/results/<row>/seed<k>.json`.\n"
+    text += reading(accuracy) + teachers_used() + speed_sections()
     path = ROOT / "benchmarks" / "RESULTS.md"
     path.write_text(text)
     return path
