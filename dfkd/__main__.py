@@ -1,4 +1,4 @@
-"""``python -m dfkd`` is the ``dfkd`` command."""
+"""``python -m dfkd``: the command line."""
 import sys
 
 from dfkd.cli import main

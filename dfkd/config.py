@@ -11,8 +11,10 @@ from pathlib import Path
 
 import yaml
 
+from dfkd.core.options import OptionError, check_type
 
-class ConfigError(ValueError):
+
+class ConfigError(OptionError):
     """A config file or override that names an unknown key or has the wrong type."""
 
 
@@ -60,39 +62,6 @@ def parse_overrides(items: list[str]) -> dict:
     return result
 
 
-def check_type(key: str, value, default):
-    """Coerce/validate ``value`` against the type of ``default`` (None: anything)."""
-    if default is None or value is None:
-        return value
-    if isinstance(default, bool):
-        if not isinstance(value, bool):
-            raise ConfigError(f"{key} must be true or false, got {value!r}")
-        return value
-    if isinstance(default, int):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or float(value) != int(value):
-            raise ConfigError(f"{key} must be an integer, got {value!r}")
-        return int(value)
-    if isinstance(default, float):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key} must be a number, got {value!r}")
-        return float(value)
-    if isinstance(default, str):
-        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-            raise ConfigError(f"{key} must be a string, got {value!r}")
-        return str(value)
-    if isinstance(default, dict):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key} must be a mapping, got {value!r}")
-        return value
-    if isinstance(default, list):
-        if isinstance(value, str):  # one item
-            return [value]
-        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
-            raise ConfigError(f"{key} must be a list of strings (e.g. file paths), got {value!r}")
-        return list(value)
-    return value
-
-
 def merge_config(defaults: dict, *layers: dict) -> dict:
     """Merge layers over ``defaults``; keys not in ``defaults`` are an error listing the
     accepted ones. ``options`` mappings are merged key by key."""
@@ -107,7 +76,7 @@ def merge_config(defaults: dict, *layers: dict) -> dict:
             if key == "options" and isinstance(value, dict):
                 merged["options"] = {**merged.get("options", {}), **{k.replace("-", "_"): v for k, v in value.items()}}
                 continue
-            merged[key] = check_type(key, value, defaults[key])
+            merged[key] = check_type(key, value, defaults[key], ConfigError)
     return merged
 
 

@@ -2,6 +2,7 @@
 
 Importing this package registers every built-in method.
 """
+from generators import adversarial, dafl, deepinversion, fast, real  # noqa: F401  (registration)
 from generators.base import (
     ImagePool,
     Synthesizer,
@@ -13,7 +14,6 @@ from generators.base import (
     register_synthesizer,
     synthesizer_class,
 )
-from generators import adversarial, dafl, deepinversion, fast, real  # noqa: F401  (registration)
 
 __all__ = [
     "ImagePool",

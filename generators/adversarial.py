@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import torch
 
-from dfkd.hooks import FeatureTap
-from dfkd.losses import attention_transfer_loss, kl_teacher_student, logit_l1
-from generators.base import Synthesizer, SyntheticBatch, cosine_factor, register_synthesizer, teacher_stats
+from dfkd.core.losses import attention_transfer_loss, kl_teacher_student, logit_l1
+from dfkd.core.schedule import cosine_factor
+from dfkd.core.taps import FeatureTap
+from generators.base import Synthesizer, SyntheticBatch, register_synthesizer, teacher_stats
 from generators.networks import DCGANGenerator
 
 

@@ -16,18 +16,17 @@ attribute ``defaults`` and every option can be overridden by keyword.
 from __future__ import annotations
 
 import contextlib
-import math
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
 from torch import nn
 
-from dfkd.hooks import BNStatisticsHook
-from dfkd.losses import kd_loss
+from dfkd.core.bn import BNStatisticsHook
+from dfkd.core.losses import kd_loss
+from dfkd.core.options import check_type
 from generators.priors import BNPriors
-
-_REGISTRY: dict[str, type["Synthesizer"]] = {}
+from teachers.registry import Registry
 
 
 class UnknownSynthesizerError(ValueError):
@@ -38,27 +37,26 @@ class SynthesizerOptionError(ValueError):
     """An option a method does not accept, or a teacher the method cannot use."""
 
 
+def _named(name: str, cls: type) -> type:
+    cls.name = name
+    return cls
+
+
+#: Every data-free method by name (``@register_synthesizer("dafl")``).
+SYNTHESIZERS: Registry[type["Synthesizer"]] = Registry("method", UnknownSynthesizerError, on_register=_named)
+
+
 def register_synthesizer(name: str) -> Callable[[type], type]:
     """Class decorator: make a :class:`Synthesizer` subclass available under ``name``."""
-
-    def decorator(cls):
-        if name in _REGISTRY:
-            raise ValueError(f"synthesizer {name!r} is registered twice")
-        cls.name = name
-        _REGISTRY[name] = cls
-        return cls
-
-    return decorator
+    return SYNTHESIZERS.register(name)
 
 
 def list_synthesizers() -> list[str]:
-    return sorted(_REGISTRY)
+    return SYNTHESIZERS.names()
 
 
 def synthesizer_class(name: str) -> type["Synthesizer"]:
-    if name not in _REGISTRY:
-        raise UnknownSynthesizerError(f"unknown method {name!r}; known methods: {', '.join(list_synthesizers())}")
-    return _REGISTRY[name]
+    return SYNTHESIZERS.get(name)
 
 
 def create_synthesizer(name: str, teacher: nn.Module, **kwargs) -> "Synthesizer":
@@ -305,16 +303,8 @@ class Synthesizer:
                 f"accepted: {', '.join(sorted(merged))}"
             )
         for key, value in options.items():
-            default = merged[key]
-            if value is None:
-                continue
-            if isinstance(default, bool) and not isinstance(value, bool):
-                raise SynthesizerOptionError(f"option {key!r} of {cls.name!r} must be true/false, got {value!r}")
-            if isinstance(default, (int, float)) and not isinstance(default, bool):
-                if isinstance(value, bool) or not isinstance(value, (int, float)):
-                    raise SynthesizerOptionError(f"option {key!r} of {cls.name!r} must be a number, got {value!r}")
-                value = type(default)(value) if isinstance(default, float) or float(value).is_integer() else value
-            merged[key] = value
+            if value is not None:
+                merged[key] = check_type(f"option {key!r} of {cls.name!r}", value, merged[key], SynthesizerOptionError)
         return merged
 
     # -- helpers ---------------------------------------------------------------------------
@@ -376,8 +366,3 @@ class Synthesizer:
 
     def describe(self) -> dict:
         return {"method": self.name, **self.options}
-
-
-def cosine_factor(step: int, total: int) -> float:
-    """Cosine annealing factor ``0.5 (1 + cos(pi * step / total))``."""
-    return 0.5 * (1.0 + math.cos(math.pi * min(step, total) / max(total, 1)))

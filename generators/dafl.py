@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from dfkd.hooks import fc_input_tap, penultimate_tap
-from dfkd.losses import activation_loss, information_entropy_loss, one_hot_loss
+from dfkd.core.losses import activation_loss, information_entropy_loss, one_hot_loss
+from dfkd.core.taps import fc_input_tap, penultimate_tap
 from generators.base import Synthesizer, SynthesizerOptionError, SyntheticBatch, register_synthesizer, teacher_stats
 from generators.networks import DCGANGenerator
 
@@ -21,9 +21,9 @@ class DAFL(Synthesizer):
 
     with ``f_T`` the teacher's features before its fully connected layers and the entropy in
     ``log10``, both as in the official code (``activation_features="fc_input"``,
-    ``entropy_log_base=10``; until the seventh session this package used the penultimate
-    features and the natural log, which weighs the entropy term 2.3x as much:
-    ``activation_features="penultimate"``, ``entropy_log_base=2.718281828``).
+    ``entropy_log_base=10``). The penultimate features and the natural log remain options
+    (``activation_features="penultimate"``, ``entropy_log_base=2.718281828``); the natural log
+    weighs the entropy term 2.3x as much.
 
     and the student learns from the teacher's outputs on each generated batch with
     ``KL(p_T || p_S)`` (DAFL's ``kdloss``, T=1). Order as in the official code: each

@@ -4,8 +4,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from dfkd.hooks import member_sample_masks
-from dfkd.losses import adi_competition_loss, l2_prior, total_variation_l1, total_variation_l2
+from dfkd.core.bn import member_sample_masks
+from dfkd.core.losses import adi_competition_loss, l2_prior, total_variation_l1, total_variation_l2
 from generators.base import (
     ImagePool,
     Synthesizer,

@@ -7,8 +7,8 @@ import copy
 import torch
 import torch.nn.functional as F
 
-from dfkd.hooks import member_sample_masks
-from dfkd.losses import agreement_masked_kl
+from dfkd.core.bn import member_sample_masks
+from dfkd.core.losses import agreement_masked_kl
 from generators.base import (
     ImagePool,
     Synthesizer,

@@ -28,7 +28,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from dfkd.hooks import BNStatisticsHook
+from dfkd.core.bn import BNStatisticsHook
 from teachers import freeze
 
 

@@ -6,9 +6,7 @@ metadata (:mod:`teachers.checkpoint`), zoo manifests (:mod:`teachers.zoo`) and s
 teacher training (:mod:`teachers.training`). This package imports neither ``dfkd`` nor
 ``generators``.
 """
-from teachers.registry import UnknownModelError, create_model, list_models, register_model
 from teachers import models  # noqa: F401  (registers the built-in architectures)
-from teachers.normalize import NormalizedModel, build_model, freeze, is_frozen
 from teachers.checkpoint import (
     CHECKPOINT_FORMAT,
     CheckpointError,
@@ -18,6 +16,10 @@ from teachers.checkpoint import (
     save_checkpoint,
     sha256_file,
 )
+from teachers.factory import create_model
+from teachers.normalize import NormalizedModel, build_model, freeze, is_frozen
+from teachers.registry import Registry, UnknownModelError, list_models, register_model
+from teachers.training import default_recipe, evaluate_classifier, train_classifier
 from teachers.zoo import (
     ZOO_FORMAT,
     ZooEntry,
@@ -29,9 +31,9 @@ from teachers.zoo import (
     load_zoo,
     verify_manifest,
 )
-from teachers.training import default_recipe, evaluate_classifier, train_classifier
 
 __all__ = [
+    "Registry",
     "UnknownModelError",
     "register_model",
     "create_model",

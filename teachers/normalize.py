@@ -12,7 +12,7 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
-from teachers.registry import create_model
+from teachers.factory import create_model
 
 __all__ = ["NormalizedModel", "build_model", "freeze", "is_frozen"]
 

@@ -19,51 +19,71 @@ torchvision classifier (see :mod:`teachers.models.tv`); they are not listed by
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable, Generic, TypeVar
 
 import torch.nn as nn
 
-__all__ = ["UnknownModelError", "register_model", "create_model", "list_models", "TV_PREFIX"]
+__all__ = ["Registry", "UnknownModelError", "register_model", "list_models", "unknown_model_message", "MODELS",
+           "TV_PREFIX"]
+
+T = TypeVar("T")
+
+
+class Registry(Generic[T]):
+    """Names to objects, filled by a decorator: the one registry type of the package (models,
+    synthesizers, combiners, data sets).
+
+    ``key`` normalises names (e.g. case and ``_``/``-``); ``on_register(name, obj)`` may check
+    or adapt an object before it is stored (and returns what is stored); an unknown name raises
+    ``error`` with a message that lists the known names (or ``unknown_message(name)``), and so
+    does a bad or duplicate registration.
+    """
+
+    def __init__(self, kind: str, error: type[Exception] = KeyError, key: Callable[[str], str] = str,
+                 on_register: Callable[[str, Any], Any] | None = None,
+                 unknown_message: Callable[[str], str] | None = None):
+        self.kind, self.error, self.key = kind, error, key
+        self.on_register = on_register
+        self.unknown_message = unknown_message
+        self._items: dict[str, T] = {}
+
+    def register(self, name: str) -> Callable[[Any], Any]:
+        """Decorator: store the decorated object under ``name`` and return it unchanged."""
+        if not isinstance(name, str) or not name.strip():
+            raise self.error(f"a {self.kind} name must be a non-empty string, got {name!r}")
+
+        def decorator(obj):
+            key = self.key(name)
+            stored = self.on_register(key, obj) if self.on_register else obj
+            if key in self._items and self._items[key] is not stored:
+                raise self.error(f"a {self.kind} named {name!r} is already registered; choose another name")
+            self._items[key] = stored
+            return obj
+
+        return decorator
+
+    def names(self) -> list[str]:
+        return sorted(self._items)
+
+    def __contains__(self, name) -> bool:
+        return isinstance(name, str) and self.key(name) in self._items
+
+    def get(self, name: str) -> T:
+        """The object registered as ``name``; an unknown name raises ``error`` listing the known ones."""
+        if name not in self:
+            message = (self.unknown_message(name) if self.unknown_message
+                       else f"unknown {self.kind} {name!r}; known {self.kind}s: {', '.join(self.names())}")
+            raise self.error(message)
+        return self._items[self.key(name)]
+
 
 TV_PREFIX = "tv:"
 
 Builder = Callable[..., nn.Module]
-_REGISTRY: dict[str, Builder] = {}
 
 
 class UnknownModelError(ValueError):
     """Raised for a model name that is neither registered nor a ``tv:<torchvision name>``."""
-
-
-def register_model(name: str) -> Callable[[Builder], Builder]:
-    """Decorator registering ``fn(num_classes, in_channels, image_size, **kw) -> nn.Module``."""
-    if not isinstance(name, str) or not name:
-        raise ValueError("a model name must be a non-empty string")
-    if name.startswith(TV_PREFIX):
-        raise ValueError(f"model names starting with {TV_PREFIX!r} are reserved for torchvision models")
-
-    def decorator(fn: Builder) -> Builder:
-        if name in _REGISTRY and _REGISTRY[name] is not fn:
-            raise ValueError(f"model {name!r} is already registered")
-        _REGISTRY[name] = fn
-        return fn
-
-    return decorator
-
-
-def _ensure_builtin_models() -> None:
-    # Importing the package registers the built-in architectures (lazy to avoid import cycles).
-    import teachers.models  # noqa: F401
-
-
-def list_models() -> list[str]:
-    """Sorted names of the registered models.
-
-    Torchvision classifiers (``tv:<name>``, e.g. ``tv:resnet18``) are accepted by
-    :func:`create_model` as well but are not listed here.
-    """
-    _ensure_builtin_models()
-    return sorted(_REGISTRY)
 
 
 def unknown_model_message(name: str) -> str:
@@ -74,26 +94,21 @@ def unknown_model_message(name: str) -> str:
     )
 
 
-def create_model(
-    name: str, num_classes: int = 10, in_channels: int = 1, image_size: int = 32, **kwargs
-) -> nn.Module:
-    """Build the raw network ``name`` (expects normalised input).
+#: ``fn(num_classes, in_channels, image_size, **kw) -> nn.Module`` builders by name.
+MODELS: Registry[Builder] = Registry("model", UnknownModelError, unknown_message=unknown_model_message)
 
-    ``tv:<name>`` builds a torchvision classifier with ``weights=None``, its first convolution
-    adapted to ``in_channels``, a small-image stem for ``image_size <= 64`` and a head for
-    ``num_classes`` (see :func:`teachers.models.tv.create_tv_model`).
 
-    Raises :class:`UnknownModelError` listing the known names for an unknown ``name``.
+def register_model(name: str) -> Callable[[Builder], Builder]:
+    """Decorator registering ``fn(num_classes, in_channels, image_size, **kw) -> nn.Module``."""
+    if isinstance(name, str) and name.startswith(TV_PREFIX):
+        raise ValueError(f"model names starting with {TV_PREFIX!r} are reserved for torchvision models")
+    return MODELS.register(name)
+
+
+def list_models() -> list[str]:
+    """Sorted names of the registered models.
+
+    Torchvision classifiers (``tv:<name>``, e.g. ``tv:resnet18``) are accepted by
+    :func:`teachers.factory.create_model` as well but are not listed here.
     """
-    if not isinstance(name, str):
-        raise UnknownModelError(unknown_model_message(repr(name)))
-    if name.startswith(TV_PREFIX):
-        from teachers.models.tv import create_tv_model
-
-        return create_tv_model(name[len(TV_PREFIX):], num_classes, in_channels, image_size, **kwargs)
-    _ensure_builtin_models()
-    try:
-        builder = _REGISTRY[name]
-    except KeyError:
-        raise UnknownModelError(unknown_model_message(name)) from None
-    return builder(num_classes=num_classes, in_channels=in_channels, image_size=image_size, **kwargs)
+    return MODELS.names()

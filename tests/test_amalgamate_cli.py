@@ -13,7 +13,7 @@ DI_RECIPE = {"iterations": 40, "synthesis_batch_size": 64, "student_steps_per_ro
 @pytest.fixture(scope="module")
 def digits_zoo(tmp_path_factory):
     """lenet5_bn teachers on digits 0-4 and 5-9 (8 epochs each) and their manifest."""
-    from dfkd.cli import dataset_meta
+    from dfkd.api.teacher import dataset_meta
     from dfkd.data import load_dataset
     from teachers import build_manifest, build_model, save_checkpoint, train_classifier
 
@@ -59,13 +59,13 @@ def test_real_synthesizer_samples_the_given_images(bn_teacher, student):
 
 
 def test_parser_and_config(tmp_path):
-    from dfkd.amalgamate_cli import amalgamate_config, cmd_amalgamate
+    from dfkd.cli.amalgamate import amalgamate_config, run
 
     args = build_parser().parse_args(["amalgamate", "--zoo", "z.yaml", "--method", "real", "--combine", "entropy_weighted",
                                       "--combine-opt", "tau=0.5", "--combine-opt", "normalize=true", "--features", "hint",
                                       "--layers", "relu3:a.relu3", "--steps", "7", "--out", str(tmp_path), "steps=9"])
-    assert args.func is cmd_amalgamate
-    cfg = amalgamate_config(args)
+    assert args.func is run
+    cfg = amalgamate_config(args).to_dict()
     assert cfg["combine_options"] == {"tau": 0.5, "normalize": True}
     assert (cfg["method"], cfg["features"], cfg["layers"], cfg["steps"]) == ("real", "hint", "relu3:a.relu3", 9)
     assert cfg["student"] == "lenet5_half"  # distill's defaults apply
@@ -93,7 +93,7 @@ def test_amalgamate_real_images_gives_a_ten_class_student(digits_zoo, tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["method"] == "real" and summary["combine"] == "concat"
     assert summary["ensemble_accuracy"] > 0.85  # concatenated logits of the two halves
-    assert summary["student_accuracy"] > 0.6  # chance is 0.1; about 0.89 when written
+    assert summary["student_accuracy"] > 0.6  # chance is 0.1; about 0.89 measured
     assert len(summary["per_class_accuracy"]) == 10 and summary["class_names"] == [str(i) for i in range(10)]
     teachers = {row["name"]: row for row in summary["teachers"]}
     assert set(teachers) == {"digits_low", "digits_high"}
@@ -110,10 +110,12 @@ def test_amalgamate_real_images_gives_a_ten_class_student(digits_zoo, tmp_path):
 @pytest.mark.slow
 def test_data_free_amalgamation_with_deepinversion_beats_chance(digits_zoo, tmp_path):
     """DeepInversion driven by the ensemble (BN statistics of both teachers), UHC student loss."""
-    from dfkd.amalgamation import AmalgamationSynthesizer
+    from dfkd.core.device import seed_everything
     from dfkd.data import load_dataset
-    from dfkd.engine import DistillationRun, EvalData, RunOptions, seed_everything
-    from dfkd.ensemble import TeacherEnsemble
+    from dfkd.engine.evaluation import EvalData
+    from dfkd.engine.run import DistillationRun, RunOptions
+    from dfkd.multi.ensemble import TeacherEnsemble
+    from dfkd.multi.synthesizer import AmalgamationSynthesizer
     from generators import create_synthesizer
     from teachers import build_model, freeze
 
@@ -131,7 +133,7 @@ def test_data_free_amalgamation_with_deepinversion_beats_chance(digits_zoo, tmp_
                           eval_data=EvalData(test.images, test.labels), student_meta=student_meta)
     summary = run.run()
     assert summary["images_synthesized"] == 3 * 64
-    assert summary["student_accuracy"] > 0.3  # chance is 0.1; about 0.6 when written
+    assert summary["student_accuracy"] > 0.3  # chance is 0.1; about 0.6 measured
     assert "uhc" in run.metrics[-1]
 
 

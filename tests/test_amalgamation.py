@@ -5,17 +5,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dfkd.amalgamation import (
-    AmalgamationError,
-    AmalgamationSynthesizer,
-    FeatureAmalgamator,
-    LayerPair,
-    default_layers,
-    mmd,
-    parse_layers,
-)
-from dfkd.ensemble import TeacherEnsemble
-from dfkd.losses import attention_transfer_loss
+from dfkd.core.losses import attention_transfer_loss
+from dfkd.multi.ensemble import TeacherEnsemble
+from dfkd.multi.features import AmalgamationError, FeatureAmalgamator, LayerPair, default_layers, mmd, parse_layers
+from dfkd.multi.synthesizer import AmalgamationSynthesizer
 from teachers import build_model
 
 SHAPE = (1, 32, 32)
@@ -218,7 +211,7 @@ def test_wrapper_targets_and_losses(ensemble, student):
     assert set(losses) == {"kd"} and synth.name == "fixed" and synth.options is inner.options
     clean = ensemble(batch.images)  # the ensemble's own combiner: no noise
     assert not torch.allclose(merged, clean)
-    from dfkd.losses import kd_loss
+    from dfkd.core.losses import kd_loss
 
     assert torch.allclose(losses["kd"], kd_loss(s_logits, merged))
     method = AmalgamationSynthesizer(FixedBatches(ensemble), ensemble, student_loss="method")
@@ -232,7 +225,7 @@ def test_wrapper_targets_and_losses(ensemble, student):
 
 def test_the_engine_trains_the_adapters(ensemble, student, tmp_path):
     """The engine optimises ``extra_parameters()`` with the student: the adapters learn."""
-    from dfkd.engine import DistillationRun, RunOptions
+    from dfkd.engine.run import DistillationRun, RunOptions
 
     synth = AmalgamationSynthesizer(FixedBatches(ensemble), ensemble, combine="concat", features="hint",
                                     layers="relu3:a.relu3,relu3:b.relu3")

@@ -67,7 +67,7 @@ def test_fast_logs_the_prior_term_keeps_the_prior_frozen_and_checkpoints_its_ave
     again = make("fast", bn_teacher, bn_priors=[prior], ngf=8, nz=16, synthesis_batch_size=16, batch_size=8,
                  warmup_rounds=1)
     again.load_state_dict(synth.state_dict())
-    for (m1, v1), (m2, v2) in zip(averages[0], again.bn_priors.state_dict()[0]):
+    for (m1, v1, _), (m2, v2, _) in zip(averages[0], again.bn_priors.state_dict()[0]):
         assert torch.equal(m1, m2) and torch.equal(v1, v2)
     without = make("fast", bn_teacher, ngf=8, nz=16, synthesis_batch_size=16, warmup_rounds=1)
     with pytest.raises(BNPriorError, match="resume with the same bn_priors"):

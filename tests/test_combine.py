@@ -4,14 +4,9 @@ import math
 import pytest
 import torch
 
-from dfkd.combine import (
-    LOG_FLOOR,
-    UnknownCombinerError,
-    create_combiner,
-    list_combiners,
-    uhc_loss,
-)
-from dfkd.losses import kd_loss
+from dfkd.core.losses import kd_loss
+from dfkd.multi.combine import LOG_FLOOR, UnknownCombinerError, create_combiner, list_combiners
+from dfkd.multi.combiners import uhc_loss
 
 FULL = torch.ones(2, 3, dtype=torch.bool)
 # teacher 0 knows union classes {0, 1}, teacher 1 knows {1, 2}

@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from dfkd.cli import DISTILL_DEFAULTS
+from dfkd.api import DistillConfig
 from dfkd.config import ConfigError, load_yaml, merge_config, parse_overrides
 from generators import synthesizer_class
 
@@ -19,7 +19,7 @@ def test_there_are_recipes_for_each_dataset_and_method():
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_recipe_validates(path):
-    cfg = merge_config(DISTILL_DEFAULTS, load_yaml(path))
+    cfg = merge_config(DistillConfig.defaults(), load_yaml(path))
     synthesizer_class(cfg["method"]).resolve_options(cfg["options"])
 
 
@@ -29,6 +29,6 @@ def test_overrides_parse_types_and_nesting():
     with pytest.raises(ConfigError, match="key=value"):
         parse_overrides(["steps"])
     with pytest.raises(ConfigError, match="unknown config key 'nope'.*steps"):
-        merge_config(DISTILL_DEFAULTS, {"nope": 1})
+        merge_config(DistillConfig.defaults(), {"nope": 1})
     with pytest.raises(ConfigError, match="must be an integer"):
-        merge_config(DISTILL_DEFAULTS, {"steps": 1.5})
+        merge_config(DistillConfig.defaults(), {"steps": 1.5})

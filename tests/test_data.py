@@ -67,7 +67,7 @@ def test_registry_lists_builtin_datasets_and_unknown_name_lists_them():
 
 
 def test_register_custom_dataset(monkeypatch):
-    monkeypatch.setattr(data, "_REGISTRY", dict(data._REGISTRY))
+    monkeypatch.setattr(data.registry.DATASETS, "_items", dict(data.registry.DATASETS._items))
 
     @register_dataset("toy-rgb")
     class Toy(DatasetSpec):
@@ -137,7 +137,7 @@ def test_digits_mean_std_constants_match_train_split(digits_train):
 
 def test_dataset_info_without_files_matches_loaded(digits_train, monkeypatch, tmp_path):
     assert dataset_info("digits") == digits_train.info
-    monkeypatch.setattr(data, "DEBIAN_FASHION_MNIST_DIR", tmp_path / "nothing")
+    monkeypatch.setattr(data.idx, "DEBIAN_FASHION_MNIST_DIR", tmp_path / "nothing")
     info = dataset_info("fashion-mnist", classes="0-2", image_size=28)
     assert info.num_classes == 3 and info.classes == [0, 1, 2]
     assert info.class_names == ["T-shirt/top", "Trouser", "Pullover"]
@@ -332,7 +332,7 @@ def test_idx_images_and_labels_count_mismatch(tmp_path):
 
 
 def test_missing_dataset_says_how_to_get_it(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "DEBIAN_FASHION_MNIST_DIR", tmp_path / "no-such-dir")
+    monkeypatch.setattr(data.idx, "DEBIAN_FASHION_MNIST_DIR", tmp_path / "no-such-dir")
     for root in (None, tmp_path / "empty"):
         with pytest.raises(DatasetError) as err:
             load_dataset("fashion-mnist", root=root)
@@ -514,7 +514,7 @@ def test_download_fetches_into_root_and_reads_the_raw_files(tmp_path, monkeypatc
     import torchvision.datasets as tvd
     import torchvision.datasets.utils as tvu
 
-    monkeypatch.setattr(data, "DEBIAN_FASHION_MNIST_DIR", tmp_path / "no-such-dir")
+    monkeypatch.setattr(data.idx, "DEBIAN_FASHION_MNIST_DIR", tmp_path / "no-such-dir")
     calls = []
 
     class FakeFashionMNIST:  # stands in for torchvision's class: writes the raw files

@@ -3,9 +3,10 @@ import pytest
 import torch
 from torch import nn
 
-from dfkd.ensemble import EnsembleError, TeacherEnsemble
-from dfkd.hooks import BNStatisticsHook, fc_input_tap, member_sample_masks, penultimate_tap
-from teachers import NormalizedModel, build_model, build_manifest, save_checkpoint
+from dfkd.core.bn import BNStatisticsHook, member_sample_masks
+from dfkd.core.taps import fc_input_tap, penultimate_tap
+from dfkd.multi.ensemble import EnsembleError, TeacherEnsemble
+from teachers import NormalizedModel, build_manifest, build_model, save_checkpoint
 
 SHAPE = (1, 32, 32)
 
@@ -182,7 +183,7 @@ SYNTH_OPTIONS = {
 @pytest.mark.parametrize("wrapped", [False, True], ids=["plain", "amalgamation"])
 def test_an_ensemble_drives_each_synthesizer(method, wrapped):
     import generators.real  # noqa: F401
-    from dfkd.amalgamation import AmalgamationSynthesizer
+    from dfkd.multi.synthesizer import AmalgamationSynthesizer
     from generators import create_synthesizer
 
     ens = TeacherEnsemble([member("a", [0, 1, 2, 3, 4]), member("b", [5, 6, 7, 8, 9], seed=1)], combine="concat")

@@ -3,7 +3,8 @@ import pytest
 import torch
 from torch import nn
 
-from dfkd.hooks import BNStatisticsHook, FeatureTap, FeatureTapError, fc_input_tap, penultimate_tap
+from dfkd.core.bn import BNStatisticsHook
+from dfkd.core.taps import FeatureTap, FeatureTapError, fc_input_tap, penultimate_tap
 
 
 class Tiny(nn.Module):
@@ -110,6 +111,41 @@ def test_bn_hook_momentum_blends_earlier_rounds_by_hand():
     other = BNStatisticsHook(model, momentum=m)
     other.load_state_dict(hook.state_dict())
     assert torch.allclose(other.averages[id(model.bn)][0], avg_mean, atol=1e-6)
+
+
+def test_momentum_average_ignores_a_pass_where_the_mask_holds_no_image():
+    """A member none of whose classes was targeted in a round records no statistics: its
+    momentum average must stay as it was, not be pulled towards zero mean and variance."""
+    torch.manual_seed(0)
+    model = Tiny().eval()
+    m = 0.9
+    hook = BNStatisticsHook(model, momentum=m)
+    x1, x2 = torch.randn(4, 1, 5, 5), torch.randn(4, 1, 5, 5) + 3.0
+    everyone, no_one = torch.ones(4, dtype=torch.bool), torch.zeros(4, dtype=torch.bool)
+    with hook.capture({id(model.bn): everyone}):
+        model(x1)
+    hook.update_momentum()
+    mean1, var1, _ = hook.averages[id(model.bn)]
+    mean1, var1 = mean1.clone(), var1.clone()
+    with hook.capture({id(model.bn): no_one}):
+        model(x2)
+        assert float(hook.loss()) == 0.0  # an empty mask adds nothing
+    hook.update_momentum()
+    mean, var, seen = hook.averages[id(model.bn)]
+    assert bool(seen)
+    assert torch.allclose(mean, mean1) and torch.allclose(var, var1)
+    # a first pass with an empty mask leaves nothing to blend with: the next real batch is taken as is
+    fresh = BNStatisticsHook(model, momentum=m)
+    with fresh.capture({id(model.bn): no_one}):
+        model(x1)
+    fresh.update_momentum()
+    with fresh.capture({id(model.bn): everyone}):
+        model(x2)
+        with_empty_average = fresh.loss()
+    plain = BNStatisticsHook(model, momentum=m)
+    with plain.capture({id(model.bn): everyone}):
+        model(x2)
+        assert torch.allclose(with_empty_average, plain.loss(), atol=1e-6)
 
 
 def test_feature_tap_by_path_and_penultimate():

@@ -4,7 +4,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from dfkd import losses
+from dfkd.core import losses
 
 
 def test_kd_loss_matches_hand_kl_with_temperature():

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from dfkd.data import load_dataset
-from dfkd.engine import DistillationRun, EvalData, RunOptions
+from dfkd.engine.evaluation import EvalData
+from dfkd.engine.run import DistillationRun, RunOptions
 from generators import create_synthesizer
 from teachers import build_model, freeze, train_classifier
 
@@ -40,8 +41,8 @@ CASES = {
     # 0.17 on the CI machine. With 10: 0.77/0.80/0.82/0.77 (seeds 0-3), 0.81/0.76/0.82/0.81 (seeds 4-7).
     "deepinversion": ({"iterations": 60, "lr": 0.1, "bn_weight": 10.0, "synthesis_batch_size": 128,
                        "student_steps_per_round": 40, "batch_size": 128, "student_lr": 0.05}, 400, 0.50),
-    # seeds 0-7 with the official code's shared batch per iteration, KL / K and gradient clipping (seventh
-    # session): 0.28/0.31/0.34/0.28/0.34/0.42/0.35/0.32; before: 0.30/0.44/0.38/0.38/0.34/0.42/0.41/0.38
+    # seeds 0-7 with the official code's shared batch per iteration, KL / K and gradient clipping:
+    # 0.28/0.31/0.34/0.28/0.34/0.42/0.35/0.32
     "zskt": ({"batch_size": 64, "ngf": 16}, 300, 0.20),
     # DFAD has no diversity term: its first generator batches are mostly one class to this teacher and the
     # student can sit on that class (10%) for a while. At 300 steps seeds 0-3 gave 0.34/0.11/0.29/0.10 (a

@@ -69,7 +69,7 @@ def test_lenet5_is_dafl_lenet():
     assert sum(p.numel() for p in net.parameters()) == 61706  # DAFL's LeNet-5
     convs = [m for m in net.modules() if isinstance(m, nn.Conv2d)]
     assert [(c.in_channels, c.out_channels, c.kernel_size) for c in convs] == [(1, 6, (5, 5)), (6, 16, (5, 5)), (16, 120, (5, 5))]
-    assert [(l.in_features, l.out_features) for l in net.modules() if isinstance(l, nn.Linear)] == [(120, 84), (84, 10)]
+    assert [(lin.in_features, lin.out_features) for lin in net.modules() if isinstance(lin, nn.Linear)] == [(120, 84), (84, 10)]
 
 
 def test_lenet5_bn_and_half_widths():
@@ -78,7 +78,7 @@ def test_lenet5_bn_and_half_widths():
     half = create_model("lenet5_half")
     assert _count(half, nn.modules.batchnorm._BatchNorm) == 0
     assert [c.out_channels for c in half.modules() if isinstance(c, nn.Conv2d)] == [3, 8, 60]
-    assert [l.out_features for l in half.modules() if isinstance(l, nn.Linear)] == [42, 10]
+    assert [lin.out_features for lin in half.modules() if isinstance(lin, nn.Linear)] == [42, 10]
     half_bn = create_model("lenet5_half_bn")
     assert _count(half_bn, nn.BatchNorm2d) == 3
 

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from dfkd import plots
+from dfkd.reporting import plots
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 CLASSES = ["T-shirt", "Trouser", "Pullover", "Dress"]

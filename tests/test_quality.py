@@ -5,7 +5,14 @@ import numpy as np
 import pytest
 import torch
 
-from dfkd.quality import class_balance, diversity, frechet_distance, mean_confidence, sample_quality, sure_teacher_agreement
+from dfkd.reporting.quality import (
+    class_balance,
+    diversity,
+    frechet_distance,
+    mean_confidence,
+    sample_quality,
+    sure_teacher_agreement,
+)
 
 
 def test_class_balance_uniform_single_and_known_histogram():

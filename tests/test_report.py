@@ -5,9 +5,9 @@ import pytest
 import torch
 from torch import nn
 
-from dfkd.analysis import analyze_run, confusion_matrix
-from dfkd.quality import class_balance, sure_teacher_agreement
-from dfkd.report import write_report
+from dfkd.reporting.analysis import analyze_run, confusion_matrix
+from dfkd.reporting.quality import class_balance, sure_teacher_agreement
+from dfkd.reporting.report import write_report
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 NAMES = ["zero", "one", "two", "three"]

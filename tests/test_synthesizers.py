@@ -132,7 +132,7 @@ def test_zskt_student_steps_of_a_round_share_one_batch_as_in_the_official_code(b
 
 
 def test_zskt_divergence_is_the_official_per_element_mean(bn_teacher, student):
-    from dfkd.losses import kl_teacher_student
+    from dfkd.core.losses import kl_teacher_student
 
     s_logits, t_logits = torch.randn(8, 10), torch.randn(8, 10)
     p_t = torch.softmax(t_logits, 1)  # F.kl_div(log p_S, p_T) with its old default reduction="mean"

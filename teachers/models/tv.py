@@ -21,6 +21,8 @@ import torch
 import torch.nn as nn
 import torchvision
 
+from teachers.registry import UnknownModelError, unknown_model_message
+
 __all__ = ["create_tv_model", "list_tv_models", "SMALL_IMAGE_MAX"]
 
 SMALL_IMAGE_MAX = 64
@@ -109,8 +111,6 @@ def _block_paths(model: nn.Module, name: str, in_channels: int, image_size: int)
 
 def create_tv_model(name: str, num_classes: int = 10, in_channels: int = 3, image_size: int = 32, **kwargs) -> nn.Module:
     """Build torchvision's ``name`` with ``weights=None`` adapted to dfkd (see module doc)."""
-    from teachers.registry import UnknownModelError, unknown_model_message
-
     known = list_tv_models()
     if name not in known:
         raise UnknownModelError(

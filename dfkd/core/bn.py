@@ -1,126 +1,17 @@
-"""Forward hooks: features by module path and BatchNorm statistics, never model surgery.
+"""DeepInversion's BatchNorm-statistics regulariser, recorded by forward hooks.
 
-``FeatureTap(model, ["layer2", "fc"])`` captures the outputs (or inputs) of modules named by
-their ``named_modules()`` path. Paths are resolved on ``model.net`` when the model is a
-normalisation wrapper (so users write the paths of the architecture they know), else on the
-model itself, so stock torchvision models work unchanged.
+:class:`BNStatisticsHook` compares each BatchNorm layer's batch statistics with its running
+statistics; :func:`member_sample_masks` restricts each member of a teacher ensemble to the
+images of its own classes.
 """
 from __future__ import annotations
 
 import contextlib
-from typing import Iterable
 
 import torch
 from torch import nn
 
-from dfkd.losses import bn_statistics_loss
-
-
-class FeatureTapError(ValueError):
-    """A module path that does not exist in the model."""
-
-
-def inner_network(model: nn.Module) -> nn.Module:
-    """The network whose module paths users name: ``model.net`` for wrappers, else ``model``."""
-    return getattr(model, "net", model)
-
-
-def resolve_module(model: nn.Module, path: str) -> nn.Module:
-    """Return the sub-module at ``path`` (``""`` is the network itself)."""
-    net = inner_network(model)
-    modules = dict(net.named_modules())
-    if path not in modules:
-        known = [name for name in modules if name][:40]
-        raise FeatureTapError(
-            f"module path {path!r} not found in {type(net).__name__}; known paths include: {', '.join(known)}"
-        )
-    return modules[path]
-
-
-class FeatureTap:
-    """Capture module outputs (``capture="output"``) or first inputs (``"input"``) by path.
-
-    Use as a context manager or call :meth:`close`. After a forward pass, ``tap[path]`` (or
-    ``tap.features``) holds the tensors of that pass; they keep their autograd graph so a loss
-    on them back-propagates into the model's input.
-    """
-
-    def __init__(self, model: nn.Module, paths: Iterable[str], capture: str = "output"):
-        if capture not in ("output", "input"):
-            raise ValueError(f"capture must be 'output' or 'input', not {capture!r}")
-        self.paths = list(paths)
-        self.features: dict[str, torch.Tensor] = {}
-        self._handles = []
-        for path in self.paths:
-            module = resolve_module(model, path)
-            if capture == "output":
-                handle = module.register_forward_hook(self._output_hook(path))
-            else:
-                handle = module.register_forward_pre_hook(self._input_hook(path))
-            self._handles.append(handle)
-
-    def _output_hook(self, path):
-        def hook(module, inputs, output):
-            self.features[path] = output
-
-        return hook
-
-    def _input_hook(self, path):
-        def hook(module, inputs):
-            self.features[path] = inputs[0]
-
-        return hook
-
-    def __getitem__(self, path: str) -> torch.Tensor:
-        if path not in self.features:
-            raise KeyError(f"no feature captured for {path!r}: run a forward pass first")
-        return self.features[path]
-
-    def clear(self) -> None:
-        self.features = {}
-
-    def close(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-
-def _head_path(model: nn.Module) -> str | None:
-    return getattr(model, "head_path", None) or getattr(inner_network(model), "head_path", None)
-
-
-def penultimate_tap(model: nn.Module) -> FeatureTap:
-    """A tap on the input of the model's classifier head (``head_path``): its penultimate
-    features (the embedding plots; DAFL with ``activation_features="penultimate"``)."""
-    head = _head_path(model)
-    if head is None:
-        raise FeatureTapError(f"{type(model).__name__} has no head_path; name the feature layer explicitly")
-    return FeatureTap(model, [head], capture="input")
-
-
-def fc_input_tap(model: nn.Module) -> FeatureTap:
-    """A tap on the features *before the fully connected layers*: the input of the first
-    ``nn.Linear`` that follows a convolution (LeNet-5: ``conv3``'s 120 features, the input of
-    ``fc1``; a ResNet: its pooled features, the input of the classifier head), as DAFL's
-    official code defines its activation loss's ``f_T``. Networks without such a layer (MLPs)
-    and teacher ensembles (whose ``head_path`` is not a layer but the junction where every
-    member's penultimate features meet) get :func:`penultimate_tap`."""
-    head = _head_path(model)
-    if head is not None and not isinstance(resolve_module(model, head), nn.Linear):
-        return penultimate_tap(model)
-    seen_conv = False
-    for path, module in inner_network(model).named_modules():
-        if isinstance(module, nn.modules.conv._ConvNd):
-            seen_conv = True
-        elif isinstance(module, nn.Linear) and seen_conv:
-            return FeatureTap(model, [path], capture="input")
-    return penultimate_tap(model)
+from dfkd.core.losses import bn_statistics_loss
 
 
 class BNStatisticsHook:
@@ -186,11 +77,13 @@ class BNStatisticsHook:
             shape = [1, -1] + [1] * (x.dim() - 2)
             var = (((x - mean.view(shape)) ** 2) * weight).sum(dims) / count
         if self.momentum > 0:
-            self._last[key] = (mean.detach(), var.detach())
-            if key in self.averages:
-                avg_mean, avg_var = self.averages[key]
-                mean = (1 - self.momentum) * mean + self.momentum * avg_mean
-                var = (1 - self.momentum) * var + self.momentum * avg_var
+            seen_now = torch.ones((), dtype=torch.bool, device=x.device) if present is None else present > 0
+            self._last[key] = (mean.detach(), var.detach(), seen_now)
+            if key in self.averages:  # blend only with an average that holds a recorded batch
+                avg_mean, avg_var, seen = self.averages[key]
+                m = self.momentum * seen.to(x.dtype)
+                mean = (1 - m) * mean + m * avg_mean
+                var = (1 - m) * var + m * avg_var
         loss = bn_statistics_loss(mean, var, module.running_mean.float(), module.running_var.float())
         if key in self.layer_weights:
             loss = loss * self.layer_weights[key]
@@ -215,25 +108,37 @@ class BNStatisticsHook:
             self.sample_masks = {}
 
     def update_momentum(self) -> None:
-        """Fold the statistics of the last forward pass into the running averages."""
+        """Fold the statistics of the last forward pass into the running averages.
+
+        A layer that saw no image in that pass (an ensemble member none of whose classes was
+        targeted) keeps its average: its empty statistics are not folded in as zeros."""
         m = self.momentum
-        for key, (mean, var) in self._last.items():
+        for key, (mean, var, present) in self._last.items():
             if key in self.averages:
-                avg_mean, avg_var = self.averages[key]
-                self.averages[key] = (m * avg_mean + (1 - m) * mean, m * avg_var + (1 - m) * var)
+                avg_mean, avg_var, seen = self.averages[key]
+                # first recorded batch: take it; later ones: blend; an empty batch: keep the average
+                w_new = torch.where(seen, torch.full_like(mean, 1 - m), torch.ones_like(mean))
+                blend_mean = (1 - w_new) * avg_mean + w_new * mean
+                blend_var = (1 - w_new) * avg_var + w_new * var
+                self.averages[key] = (torch.where(present, blend_mean, avg_mean),
+                                      torch.where(present, blend_var, avg_var), seen | present)
             else:
-                self.averages[key] = (mean, var)
+                self.averages[key] = (mean, var, present)
         self._last = {}
 
     def state_dict(self) -> list:
-        """The momentum averages, in BN-layer order (for checkpoints)."""
+        """The momentum averages, in BN-layer order (for checkpoints): ``(mean, var, seen)``."""
         return [self.averages.get(id(m)) for m in self.bn_layers]
 
     def load_state_dict(self, state: list, device=None) -> None:
         self.averages = {}
         for module, entry in zip(self.bn_layers, state):
-            if entry is not None:
-                self.averages[id(module)] = tuple(t.to(device) if device is not None else t for t in entry)
+            if entry is None:
+                continue
+            entry = tuple(t.to(device) if device is not None else t for t in entry)
+            if len(entry) == 2:  # states written before the ``seen`` flag: every average held a batch
+                entry = (*entry, torch.ones((), dtype=torch.bool, device=entry[0].device))
+            self.averages[id(module)] = entry
 
     def reset(self) -> None:
         self.layer_losses = []

@@ -1,192 +1,28 @@
-"""Combining the logits of several teachers into one target over the union label space.
+"""The registered combiners: from plain averages to UHC (formulas in each class's docstring).
 
-Conventions shared by every combiner (``nn.Module``; ``forward(logits, mask)``):
-
-- ``logits``: ``(T, B, K)`` -- teacher ``t``'s logits already *placed* in the union label
-  space of ``K`` classes (see :class:`dfkd.ensemble.TeacherEnsemble`). Entries of classes a
-  teacher does not know are ignored (the ensemble fills them with 0).
-- ``mask``: ``(T, K)`` bool -- ``mask[t, k]`` is true when teacher ``t`` knows union class ``k``.
-- the result is ``(B, K)`` **merged logits**: unnormalised log-scores whose softmax is the
-  merged distribution. Combiners that average *probabilities* return log-probabilities
-  ``log p`` (floored at ``log 1e-8`` so that KL terms stay finite), which are valid logits.
-  So every combiner's output can be used wherever one teacher's logits are (KD at
-  temperature ``T`` divides them by ``T`` as usual).
-
-Teacher ``t``'s own distribution is ``p_t = softmax(z_t)`` over *its* classes (zero outside
-them) and its entropy ``H_t = -sum_k p_t(k) log p_t(k)``. Because every ``p_t`` sums to one,
-any mixture ``sum_t w_t p_t`` with ``sum_t w_t = 1`` is a distribution over the union.
-
-Each combiner also has :meth:`Combiner.loss`, the student loss it implies: by default KD
-(``T^2 KL(softmax(merged/T) || softmax(s/T))``); the ``uhc`` combiner overrides it with the
-UHC loss of Vongkulbhisal et al. (CVPR 2019), which needs no merged target at all.
-
-Registry: ``@register_combiner("name")``, :func:`create_combiner`, :func:`list_combiners`.
+Shared conventions (shapes, masks, merged logits) are in :mod:`dfkd.multi.combine`.
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from dfkd.losses import kd_loss
-
-__all__ = [
-    "Combiner",
-    "UnknownCombinerError",
-    "register_combiner",
-    "create_combiner",
-    "list_combiners",
-    "combiner_class",
-    "masked_softmax",
-    "check_mask",
-    "teacher_probabilities",
-    "teacher_entropies",
-    "uhc_loss",
-    "LOG_FLOOR",
-]
-
-#: Probabilities are floored at this value before taking logs (``log 1e-8 = -18.4``).
-LOG_FLOOR = 1e-8
-
-_REGISTRY: dict[str, type["Combiner"]] = {}
+from dfkd.core.losses import kd_loss
+from dfkd.multi.combine import (
+    Combiner,
+    check_logits,
+    create_combiner,
+    floored_log,
+    masked_mean_logits,
+    masked_softmax,
+    mixture,
+    register_combiner,
+    teacher_entropies,
+)
 
 
-class UnknownCombinerError(ValueError):
-    """An unknown combiner name, or options a combiner does not accept."""
-
-
-def register_combiner(name: str) -> Callable[[type], type]:
-    """Class decorator: make a :class:`Combiner` available under ``name``."""
-
-    def decorator(cls):
-        if name in _REGISTRY:
-            raise ValueError(f"combiner {name!r} is registered twice")
-        cls.name = name
-        _REGISTRY[name] = cls
-        return cls
-
-    return decorator
-
-
-def list_combiners() -> list[str]:
-    return sorted(_REGISTRY)
-
-
-def combiner_class(name: str) -> type["Combiner"]:
-    if name not in _REGISTRY:
-        raise UnknownCombinerError(f"unknown combiner {name!r}; known combiners: {', '.join(list_combiners())}")
-    return _REGISTRY[name]
-
-
-def create_combiner(name: str, **options) -> "Combiner":
-    """Build the combiner registered as ``name`` with its options (e.g. ``tau=0.5``)."""
-    cls = combiner_class(name)
-    try:
-        return cls(**options)
-    except TypeError as exc:
-        raise UnknownCombinerError(f"combiner {name!r}: bad options {sorted(options)}: {exc}") from None
-
-
-# ----------------------------------------------------------------------------- helpers
-def _check(logits: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Shapes are always checked; the mask's *content* only when it lives on the CPU (a
-    check of a GPU mask would synchronise with the host on every step; the ensemble checks
-    its mask once, on the CPU, when it is built)."""
-    if logits.dim() != 3:
-        raise ValueError(f"combiners take logits of shape (teachers, batch, classes), got {tuple(logits.shape)}")
-    if mask.shape != (logits.shape[0], logits.shape[2]):
-        raise ValueError(f"mask must be (teachers, classes) = {(logits.shape[0], logits.shape[2])}, got {tuple(mask.shape)}")
-    if mask.device.type == "cpu":
-        check_mask(mask)
-    return logits.float(), mask.to(device=logits.device, dtype=torch.bool)
-
-
-def check_mask(mask: torch.Tensor) -> None:
-    """Every teacher must know at least one class."""
-    if not bool(mask.bool().any(dim=1).all()):
-        raise ValueError("every teacher must know at least one class (a row of the mask is all false)")
-
-
-def masked_softmax(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """``softmax`` of each teacher's logits over its own classes, 0 elsewhere: ``(T, B, K)``."""
-    m = mask[:, None, :]
-    return torch.softmax(logits.masked_fill(~m, float("-inf")), dim=-1).masked_fill(~m, 0.0)
-
-
-def teacher_probabilities(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """``p_t`` of every teacher in the union space (see module doc): ``(T, B, K)``."""
-    logits, mask = _check(logits, mask)
-    return masked_softmax(logits, mask)
-
-
-def teacher_entropies(probs: torch.Tensor, normalize: bool = False, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """``H_t(x) = -sum_k p_t(k) log p_t(k)`` (natural log): ``(T, B)``. With ``normalize``,
-    divided by ``log |C_t|`` (the maximum for a teacher of ``|C_t|`` classes; 1 if it has one)."""
-    h = -(probs * probs.clamp_min(1e-12).log()).sum(dim=-1)
-    if normalize:
-        if mask is None:
-            raise ValueError("normalize needs the mask")
-        sizes = mask.sum(dim=1).float().clamp_min(2.0)
-        h = h / sizes.log()[:, None]
-    return h
-
-
-def _log(p: torch.Tensor) -> torch.Tensor:
-    return p.clamp_min(LOG_FLOOR).log()
-
-
-def _mixture(probs: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """``sum_t w_t p_t`` for weights ``(T,)`` or ``(T, B)`` summing to one over ``t``."""
-    if weights.dim() == 1:
-        weights = weights[:, None]
-    return (weights[..., None] * probs).sum(dim=0)
-
-
-def _masked_mean_logits(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    m = mask[:, None, :].float()
-    return (logits * m).sum(dim=0) / m.sum(dim=0).clamp_min(1.0)
-
-
-# ----------------------------------------------------------------------------- base class
-class Combiner(nn.Module):
-    """Base class: ``forward(logits (T,B,K), mask (T,K)) -> merged logits (B,K)``.
-
-    Stochastic combiners (``noisy``, ``pate``) add their noise only in training mode
-    (``combiner.train()``); in eval mode they are deterministic. A
-    :class:`~dfkd.ensemble.TeacherEnsemble` keeps its own combiner in eval mode; the
-    student-loss wrapper (:class:`dfkd.amalgamation.AmalgamationSynthesizer`) uses a
-    training-mode instance for the student's targets.
-    """
-
-    name = "base"
-
-    def forward(self, logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:  # pragma: no cover
-        raise NotImplementedError("abstract: each combiner implements forward()")
-
-    def check_mask(self, mask: torch.Tensor) -> None:
-        """Raise ``ValueError`` if this combiner cannot merge teachers with these class sets
-        (called once by the ensemble when it is built)."""
-        check_mask(mask)
-
-    def loss(self, student_logits: torch.Tensor, logits: torch.Tensor, mask: torch.Tensor,
-             temperature: float = 1.0, merged: torch.Tensor | None = None) -> torch.Tensor:
-        """The student loss: ``T^2 KL(softmax(merged/T) || softmax(s/T))`` (batch mean).
-
-        ``merged`` may be given when already computed (it must come from this combiner)."""
-        if merged is None:
-            merged = self(logits, mask)
-        return kd_loss(student_logits, merged.detach(), temperature)
-
-    def extra_repr(self) -> str:
-        return ", ".join(f"{k}={v!r}" for k, v in self.describe().items())
-
-    def describe(self) -> dict:
-        return {}
-
-
-# ----------------------------------------------------------------------------- same label space
 @register_combiner("mean_prob")
 class MeanProb(Combiner):
     """Mean of the teachers' probabilities (the classic ensemble average):
@@ -199,9 +35,9 @@ class MeanProb(Combiner):
     """
 
     def forward(self, logits, mask):
-        logits, mask = _check(logits, mask)
+        logits, mask = check_logits(logits, mask)
         probs = masked_softmax(logits, mask)
-        return _log(probs.mean(dim=0))
+        return floored_log(probs.mean(dim=0))
 
 
 @register_combiner("mean_logits")
@@ -216,8 +52,8 @@ class MeanLogits(Combiner):
     """
 
     def forward(self, logits, mask):
-        logits, mask = _check(logits, mask)
-        return _masked_mean_logits(logits, mask)
+        logits, mask = check_logits(logits, mask)
+        return masked_mean_logits(logits, mask)
 
 
 @register_combiner("weighted")
@@ -245,7 +81,7 @@ class Weighted(Combiner):
         return {"weights": self.weights}
 
     def forward(self, logits, mask):
-        logits, mask = _check(logits, mask)
+        logits, mask = check_logits(logits, mask)
         n = logits.shape[0]
         if self.weights is None:
             w = torch.full((n,), 1.0 / n, device=logits.device)
@@ -253,7 +89,7 @@ class Weighted(Combiner):
             if len(self.weights) != n:
                 raise ValueError(f"weighted: {len(self.weights)} weights given for {n} teachers")
             w = self.normalized_weights.to(logits.device)
-        return _log(_mixture(masked_softmax(logits, mask), w))
+        return floored_log(mixture(masked_softmax(logits, mask), w))
 
 
 @register_combiner("entropy_weighted")
@@ -283,9 +119,9 @@ class EntropyWeighted(Combiner):
         return torch.softmax(-teacher_entropies(probs, self.normalize, mask) / self.tau, dim=0)
 
     def forward(self, logits, mask):
-        logits, mask = _check(logits, mask)
+        logits, mask = check_logits(logits, mask)
         probs = masked_softmax(logits, mask)
-        return _log(_mixture(probs, self.weights(probs, mask)))
+        return floored_log(mixture(probs, self.weights(probs, mask)))
 
 
 @register_combiner("least_ambiguous")
@@ -309,11 +145,11 @@ class LeastAmbiguous(Combiner):
         return teacher_entropies(probs, self.normalize, mask).argmin(dim=0)
 
     def forward(self, logits, mask):
-        logits, mask = _check(logits, mask)
+        logits, mask = check_logits(logits, mask)
         probs = masked_softmax(logits, mask)
         pick = self.selection(probs, mask)
         chosen = probs.gather(0, pick[None, :, None].expand(1, *probs.shape[1:]))[0]
-        return _log(chosen)
+        return floored_log(chosen)
 
 
 @register_combiner("noisy")
@@ -347,7 +183,7 @@ class Noisy(Combiner):
         return logits + xi if self.additive else logits * (1.0 + xi)
 
     def forward(self, logits, mask):
-        logits, mask = _check(logits, mask)
+        logits, mask = check_logits(logits, mask)
         if self.training and self.sigma > 0:
             logits = self.perturb(logits)
         return self.base(logits, mask)
@@ -381,7 +217,7 @@ class PATE(Combiner):
         return F.one_hot(winners, logits.shape[-1]).sum(dim=0).float()
 
     def forward(self, logits, mask):
-        logits, mask = _check(logits, mask)
+        logits, mask = check_logits(logits, mask)
         counts = self.votes(logits, mask)
         if self.training:
             zero = counts.new_zeros(())
@@ -390,7 +226,7 @@ class PATE(Combiner):
         else:
             score = counts + 1e-3 * masked_softmax(logits, mask).mean(dim=0)
         onehot = F.one_hot(score.argmax(dim=1), counts.shape[1]).float()
-        return _log(onehot)
+        return floored_log(onehot)
 
 
 # ----------------------------------------------------------------------------- different class sets
@@ -414,7 +250,7 @@ class Concat(Combiner):
     def forward(self, logits, mask):
         if mask.device.type == "cpu":
             self.check_mask(mask)
-        logits, mask = _check(logits, mask)
+        logits, mask = check_logits(logits, mask)
         return (logits * mask[:, None, :].float()).sum(dim=0)
 
 
@@ -459,12 +295,12 @@ class UHC(Combiner):
     """
 
     def forward(self, logits, mask):
-        logits, mask = _check(logits, mask)
-        return _masked_mean_logits(_log(masked_softmax(logits, mask)), mask)
+        logits, mask = check_logits(logits, mask)
+        return masked_mean_logits(floored_log(masked_softmax(logits, mask)), mask)
 
     def loss(self, student_logits, logits, mask, temperature=1.0, merged=None):
         """:func:`uhc_loss` computed with masks (all teachers at once, no host synchronisation)."""
-        logits, mask = _check(logits, mask)
+        logits, mask = check_logits(logits, mask)
         m = mask[:, None, :]
         q = masked_softmax(logits.detach() / temperature, mask)  # (T, B, K)
         s = (student_logits.float() / temperature)[None].expand_as(q)

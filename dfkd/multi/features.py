@@ -51,9 +51,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dfkd.combine import Combiner, create_combiner
-from dfkd.hooks import FeatureTap
-from dfkd.losses import attention_transfer_loss
+from dfkd.core.losses import attention_transfer_loss
+from dfkd.core.taps import FeatureTap
 
 __all__ = [
     "AmalgamationError",
@@ -63,7 +62,6 @@ __all__ = [
     "mmd",
     "FeatureAmalgamator",
     "FEATURE_METHODS",
-    "AmalgamationSynthesizer",
 ]
 
 FEATURE_METHODS = ("cfl", "layerwise_ae", "hint", "attention")
@@ -376,137 +374,3 @@ class FeatureAmalgamator:
 
     def describe(self) -> dict:
         return {"method": self.method, "layers": [str(p) for p in self.pairs]}
-
-
-# ----------------------------------------------------------------------------- the engine's view
-class AmalgamationSynthesizer:
-    """A synthesizer driven by a :class:`~dfkd.ensemble.TeacherEnsemble`, with the ensemble's
-    student loss.
-
-    Everything a synthesizer does (``synthesize``, ``sample``, ``options``, ``name``,
-    ``student_steps_per_round``, ``images_synthesized``, state ...) is delegated to ``inner``
-    (built with the ensemble as its teacher). ``student_losses`` returns, for the student's
-    step on a batch:
-
-    - ``student_loss="combiner"`` (default): ``{"kd": T^2 KL(softmax(merged/T) || softmax(s/T))}``
-      with the merged target of ``combine`` in *training* mode (so ``noisy``/``pate`` add
-      their noise here and only here), or ``{"uhc": uhc_loss}`` for ``combine="uhc"``;
-      ``T`` is the inner method's ``temperature``;
-    - ``student_loss="method"``: the inner method's own student loss against the ensemble's
-      merged logits (e.g. DFAD's L1, ZSKT's KL);
-    - plus, with ``features`` (a :data:`FEATURE_METHODS` name), the feature terms of a
-      :class:`FeatureAmalgamator` built in :meth:`attach_student`, each times ``feature_weight``.
-
-    The adapters' parameters are returned by :meth:`extra_parameters`; the engine (after
-    ``attach_student``) optimises them with the student.
-    """
-
-    def __init__(self, inner, ensemble, combine: str | Combiner = "mean_prob", combine_options: dict | None = None,
-                 features: str | None = None, layers=None, feature_weight: float = 1.0,
-                 feature_options: dict | None = None, student_loss: str = "combiner"):
-        if student_loss not in ("combiner", "method"):
-            raise ValueError(f"student_loss must be 'combiner' or 'method', got {student_loss!r}")
-        if features is not None and features not in FEATURE_METHODS:
-            raise AmalgamationError(f"unknown feature method {features!r}; known: {', '.join(FEATURE_METHODS)}")
-        self.inner, self.ensemble = inner, ensemble
-        self.combiner = combine if isinstance(combine, Combiner) else create_combiner(combine, **dict(combine_options or {}))
-        self.combiner.check_mask(ensemble.mask.cpu())
-        self.combiner.to(inner.device).train()
-        self.features_method, self.layers = features, layers
-        self.feature_options = dict(feature_options or {})
-        self.feature_weight = float(feature_weight)
-        self.student_loss = student_loss
-        self.amalgamator: FeatureAmalgamator | None = None
-
-    # -- delegation ------------------------------------------------------------------------
-    def __getattr__(self, name):
-        if name in ("inner", "__setstate__", "__getstate__"):
-            raise AttributeError(name)
-        return getattr(self.inner, name)
-
-    @property
-    def name(self) -> str:
-        return self.inner.name
-
-    @property
-    def options(self) -> dict:
-        return self.inner.options
-
-    @property
-    def student_steps_per_round(self) -> int:
-        return self.inner.student_steps_per_round
-
-    @property
-    def images_synthesized(self) -> int:
-        return self.inner.images_synthesized
-
-    @images_synthesized.setter
-    def images_synthesized(self, value: int) -> None:
-        self.inner.images_synthesized = value
-
-    @property
-    def num_classes(self) -> int:
-        return self.inner.num_classes
-
-    @property
-    def device(self) -> torch.device:
-        return self.inner.device
-
-    def synthesize(self, student):
-        return self.inner.synthesize(student)
-
-    def sample(self):
-        return self.inner.sample()
-
-    def describe(self) -> dict:
-        info = dict(self.inner.describe(), combine=self.combiner.name, student_loss=self.student_loss)
-        if self.amalgamator is not None:
-            info.update(features=self.amalgamator.describe(), feature_weight=self.feature_weight)
-        return info
-
-    # -- student side ------------------------------------------------------------------------
-    def attach_student(self, student: nn.Module) -> None:
-        self.inner.attach_student(student)
-        if self.features_method is not None and self.amalgamator is None:
-            self.amalgamator = FeatureAmalgamator(self.ensemble, student, self.layers, self.features_method,
-                                                  **self.feature_options)
-
-    def extra_parameters(self) -> list[nn.Parameter]:
-        """Parameters the engine must optimise with the student (the feature adapters)."""
-        if self.features_method is not None and self.amalgamator is None:
-            raise RuntimeError("extra_parameters() is known only after attach_student(student)")
-        return [] if self.amalgamator is None else list(self.amalgamator.parameters())
-
-    def student_losses(self, student, batch):
-        """Named student losses, the student's logits and the merged teacher logits."""
-        if self.student_loss == "method":
-            if self.amalgamator is not None:
-                with torch.no_grad(), self.inner.autocast():
-                    self.ensemble(batch.images)  # fresh teacher features for the taps
-            losses, student_logits, merged = self.inner.student_losses(student, batch)
-            losses = dict(losses)
-        else:
-            with torch.no_grad(), self.inner.autocast():
-                out = self.ensemble.forward_all(batch.images, combiner=self.combiner)
-            with self.inner.autocast():
-                student_logits = student(batch.images).float()
-            merged = out.merged
-            key = "uhc" if self.combiner.name == "uhc" else "kd"
-            losses = {key: self.combiner.loss(student_logits, out.union_logits, out.mask, self.inner.temperature,
-                                              merged=merged)}
-        if self.amalgamator is not None:
-            for key, value in self.amalgamator.losses_from_taps().items():
-                losses[key] = self.feature_weight * value
-        return losses, student_logits, merged
-
-    # -- state -------------------------------------------------------------------------------
-    def state_dict(self) -> dict:
-        state = {"inner": self.inner.state_dict()}
-        if self.amalgamator is not None:
-            state["features"] = self.amalgamator.state_dict()
-        return state
-
-    def load_state_dict(self, state: dict) -> None:
-        self.inner.load_state_dict(state["inner"])
-        if self.amalgamator is not None and "features" in state:
-            self.amalgamator.load_state_dict(state["features"])

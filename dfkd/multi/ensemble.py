@@ -44,8 +44,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dfkd.combine import Combiner, create_combiner
-from dfkd.hooks import FeatureTap
+from dfkd.core.taps import FeatureTap
+from dfkd.multi.combine import Combiner, create_combiner
 from teachers import NormalizedModel, freeze, load_checkpoint, load_zoo
 
 __all__ = ["EnsembleError", "EnsembleOutput", "TeacherEnsemble", "adapt_input"]

@@ -16,7 +16,6 @@ import json
 import logging
 import math
 import os
-import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,8 +23,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dfkd.ema import WeightAverage
-from generators.base import Synthesizer, cosine_factor
+from dfkd.core.schedule import learning_rate_factor
+from dfkd.engine.ema import WeightAverage
+from dfkd.engine.evaluation import EvalData, match_rate, per_class_accuracy, predict
+from dfkd.engine.optim import build_student_optimizer
+from generators.base import Synthesizer
 from teachers.checkpoint import save_checkpoint
 
 log = logging.getLogger("dfkd")
@@ -35,31 +37,6 @@ STATE_FORMAT = "dfkd-run-state/1"
 
 class DistillationError(RuntimeError):
     """A run that cannot continue (non-finite loss, inconsistent resume state)."""
-
-
-def resolve_device(name: str = "auto") -> torch.device:
-    """``auto`` picks CUDA, then MPS, then CPU; anything else is passed to ``torch.device``."""
-    if name in (None, "", "auto"):
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: CUDA is not available on this machine; use --device auto or cpu")
-    return device
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    torch.manual_seed(seed)
-    try:
-        import numpy as np
-
-        np.random.seed(seed % 2**32)
-    except ImportError:  # pragma: no cover
-        pass
 
 
 def atomic_json(path: Path, data) -> None:
@@ -81,64 +58,6 @@ def atomic_torch_save(path: Path, obj) -> None:
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(tmp, path)
-
-
-def build_student_optimizer(student: nn.Module, options: dict) -> torch.optim.Optimizer:
-    name = options["student_optimizer"]
-    lr = float(options["student_lr"])
-    wd = float(options["student_weight_decay"])
-    if name == "adam":
-        return torch.optim.Adam(student.parameters(), lr=lr, weight_decay=wd)
-    if name == "sgd":
-        return torch.optim.SGD(student.parameters(), lr=lr, momentum=float(options["student_momentum"]), weight_decay=wd, nesterov=True)
-    raise ValueError(f"unknown student optimizer {name!r}; use 'adam' or 'sgd'")
-
-
-def learning_rate_factor(schedule: str, step: int, total: int) -> float:
-    """``cosine``: cosine annealing to 0; ``step``: x0.1 at 50% and 75% of the run;
-    ``constant``: 1."""
-    if schedule == "cosine":
-        return cosine_factor(step, total)
-    if schedule == "step":
-        return 0.1 ** (int(step >= 0.5 * total) + int(step >= 0.75 * total))
-    if schedule == "constant":
-        return 1.0
-    raise ValueError(f"unknown schedule {schedule!r}; use cosine, step or constant")
-
-
-@dataclass
-class EvalData:
-    """Real test images (``[0,1]``) and labels, used for reporting only."""
-
-    images: torch.Tensor
-    labels: torch.Tensor
-    name: str = "test"
-
-
-@torch.no_grad()
-def predict(model: nn.Module, images: torch.Tensor, device, batch_size: int = 1000) -> torch.Tensor:
-    was_training = model.training
-    model.eval()
-    out = []
-    for start in range(0, images.shape[0], batch_size):
-        x = images[start : start + batch_size].to(device, non_blocking=True)
-        with (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)):
-            out.append(model(x).float().argmax(1).cpu())
-    model.train(was_training)
-    return torch.cat(out) if out else torch.empty(0, dtype=torch.long)
-
-
-def match_rate(predictions: torch.Tensor, targets: torch.Tensor) -> float:
-    """Fraction of positions where two label vectors agree (accuracy, or teacher agreement)."""
-    return float((predictions == targets).float().mean())
-
-
-def per_class_accuracy(predictions: torch.Tensor, labels: torch.Tensor, num_classes: int) -> list:
-    result = []
-    for k in range(num_classes):
-        mask = labels == k
-        result.append(float((predictions[mask] == k).float().mean()) if mask.any() else None)
-    return result
 
 
 @dataclass
@@ -374,6 +293,8 @@ class DistillationRun:
         return self.finish()
 
     def finish(self) -> dict:
+        """Evaluate, write ``student.pt`` and return the run's summary (the caller writes
+        ``summary.json`` once its analysis is added)."""
         # the loop evaluated at its last step; reuse that instead of evaluating twice
         final = dict(self._last_eval[1]) if self._last_eval and self._last_eval[0] == self.step else self.evaluate()
         student_predictions = final.pop("_student_predictions", None)
@@ -400,5 +321,4 @@ class DistillationRun:
             num_classes = self.synth.num_classes
             summary["per_class_accuracy"] = per_class_accuracy(student_predictions, self.eval_data.labels, num_classes)
         summary.update(self.opts.extra_summary)
-        atomic_json(self.run_dir / "summary.json", summary)
         return summary

@@ -160,7 +160,7 @@ def plot_class_histogram(predictions, class_names, path) -> Path:
     A dashed line marks the uniform expectation ``N / K``; the title gives the class balance
     (normalised entropy, :func:`dfkd.quality.class_balance`).
     """
-    from dfkd.quality import class_balance
+    from dfkd.reporting.quality import class_balance
 
     plt = _pyplot()
     predictions = torch.as_tensor(predictions).detach().cpu().long().flatten()

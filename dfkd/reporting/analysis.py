@@ -11,9 +11,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dfkd import plots
-from dfkd.hooks import penultimate_tap
-from dfkd.quality import sample_quality, sure_teacher_agreement
+from dfkd.core.taps import penultimate_tap
+from dfkd.reporting import plots
+from dfkd.reporting.quality import sample_quality, sure_teacher_agreement
 
 #: At most this many images of each set (synthetic, real) go through the teacher.
 MAX_IMAGES = 2000

@@ -1,0 +1,10 @@
+"""The Python API: one function per job, each taking a config object (or its keys as
+keywords) and returning a result object. The command line is a thin layer over it."""
+from dfkd.api.amalgamate import amalgamate
+from dfkd.api.config import AmalgamateConfig, DistillConfig, TeacherConfig
+from dfkd.api.distill import distill
+from dfkd.api.runs import RunError, RunResult
+from dfkd.api.teacher import TeacherResult, train_teacher
+
+__all__ = ["AmalgamateConfig", "DistillConfig", "RunError", "RunResult", "TeacherConfig", "TeacherResult",
+           "amalgamate", "distill", "train_teacher"]

@@ -1,0 +1,35 @@
+"""``dfkd.distill``: data-free distillation of one teacher checkpoint into a student."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from dfkd.api.config import DistillConfig
+from dfkd.api.runs import RunError, RunResult, execute, resume_config
+from teachers import load_checkpoint
+
+
+def distill(config: DistillConfig | dict | None = None, *, resume: bool | str = False, overwrite: bool = False,
+            progress: bool = True, command: str | None = None, say=lambda text: None, **fields) -> RunResult:
+    """Distill ``config.teacher`` into ``config.student`` with ``config.method`` and write the
+    run directory ``config.out``; returns a :class:`~dfkd.api.runs.RunResult`.
+
+    ``config`` is a :class:`DistillConfig`, a mapping of its keys, or ``None``; keyword
+    ``fields`` override it (``dfkd.distill(teacher="t.pt", method="fast", steps=200,
+    out="runs/x")``). ``resume=RUN_DIR`` continues an unfinished run from its own
+    ``config.yaml``; ``overwrite`` replaces a finished run in ``out``.
+    """
+    if resume:
+        config, has_state = resume_config(resume, DistillConfig)
+    else:
+        base = config.to_dict() if isinstance(config, DistillConfig) else dict(config or {})
+        config, has_state = DistillConfig.from_layers(base, fields), False
+    if not config.out:
+        raise RunError("distill needs --out RUN_DIR")
+    if not config.teacher:
+        raise RunError("distill needs --teacher PATH.pt (a checkpoint written by dfkd train-teacher or dfkd import-weights)")
+    if not Path(config.teacher).is_file():
+        raise RunError(f"teacher {config.teacher}: no such file; give a checkpoint written by dfkd train-teacher "
+                       "or dfkd import-weights")
+    teacher, meta = load_checkpoint(config.teacher, map_location="cpu")
+    return execute(config, teacher, meta, resume=has_state, overwrite=overwrite, progress=progress,
+                   record={"teacher": str(config.teacher)}, command=command, say=say)

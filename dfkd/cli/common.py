@@ -1,0 +1,104 @@
+"""What every subcommand shares: the one-line error, printing, flags that become a config
+layer, and the options of distillation-style commands."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from dfkd.config import load_yaml, parse_overrides
+
+
+class CLIError(Exception):
+    """A user-facing error: printed as one line, exit status 2."""
+
+
+def say(args, text: str) -> None:
+    if not getattr(args, "quiet", False):
+        print(text, flush=True)
+
+
+def sayer(args):
+    """``say`` bound to ``args`` (what the API calls for progress lines)."""
+    return lambda text: say(args, text)
+
+
+def formatter(prog):
+    return argparse.ArgumentDefaultsHelpFormatter(prog, max_help_position=34)
+
+
+def command_line() -> str:
+    return "dfkd " + " ".join(sys.argv[1:])
+
+
+def given(args, keys) -> dict:
+    """The flags the user gave, as a config layer. A flag not given is ``None`` (so that 0,
+    0.0 and false given explicitly are kept: they are values, not absences)."""
+    return {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
+
+
+# convenience flags that map onto method options (name on the command line -> option key)
+METHOD_FLAGS = {
+    "adi": ("adi", bool, "DeepInversion: add ADI's competition term against the student"),
+    "temperature": ("temperature", float, "KD temperature of the student loss"),
+    "student_lr": ("student_lr", float, "student learning rate"),
+    "student_optimizer": ("student_optimizer", str, "student optimizer: adam or sgd"),
+    "generator_lr": ("generator_lr", float, "generator learning rate (DAFL/ZSKT/DFAD)"),
+    "bn_weight": ("bn_weight", float, "weight of the BatchNorm-statistics term (0 drops it)"),
+    "iterations": ("iterations", int, "DeepInversion: optimisation steps per synthesized batch"),
+}
+
+
+def run_layers(args, keys) -> list[dict]:
+    """The config layers of a run command: ``--config`` file < flags < ``key=value``."""
+    flags = given(args, keys)
+    flags["options"] = {key: getattr(args, flag) for flag, (key, _, _) in METHOD_FLAGS.items()
+                        if getattr(args, flag, None) is not None}
+    file_layer = load_yaml(args.config) if getattr(args, "config", None) else {}
+    return [file_layer, flags, parse_overrides(getattr(args, "overrides", None))]
+
+
+def add_common(p, config: bool = True) -> None:
+    p.add_argument("--quiet", action="store_true", help="no progress bars (for scripts)")
+    if config:
+        p.add_argument("--config", help="YAML file of options (see configs/); flags and key=value override it")
+        p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. steps=200 options.lr=0.1")
+
+
+def add_run_arguments(p) -> None:
+    """Options every distillation-style command shares (distill, amalgamate)."""
+    p.add_argument("--steps", type=int, help="student optimisation steps (default 1000)")
+    p.add_argument("--batch-size", type=int, help="images per student step (default: the method's)")
+    p.add_argument("--seed", type=int, help="random seed (default 0)")
+    p.add_argument("--device", help="auto, cpu, cuda, mps (default auto)")
+    p.add_argument("--out", help="run directory")
+    p.add_argument("--data-root", help="directory with the data set's files")
+    p.add_argument("--download", action="store_true", default=None, help="download the data set if missing")
+    p.add_argument("--no-eval", action="store_true", default=None, help="skip evaluation on real test data")
+    p.add_argument("--eval-every", type=int, help="evaluate every N steps (default 0: only at the end)")
+    p.add_argument("--log-every", type=int, help="log loss terms every N steps (default 50)")
+    p.add_argument("--checkpoint-every", type=int, help="save resumable state every N steps (default 0: at the end)")
+    p.add_argument("--student-ema", type=float, help="keep a moving average of the student's weights with this decay "
+                                                     "(e.g. 0.999) and deliver it (default 0: off)")
+    p.add_argument("--samples", type=int, help="synthesized images kept for plots (default 512)")
+    p.add_argument("--bn-prior", dest="bn_priors", action="append", metavar="CHECKPOINT",
+                   help="deepinversion/fast: another trained model of the same images whose BatchNorm statistics "
+                        "the synthesized images must match too (repeatable; e.g. a zoo member of another architecture)")
+    for flag, (_, kind, text) in METHOD_FLAGS.items():
+        name = "--" + flag.replace("_", "-")
+        if kind is bool:
+            p.add_argument(name, action="store_true", default=None, help=text)
+        else:
+            p.add_argument(name, type=kind, help=text + " (default: the method's)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue a killed run from its last checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace a finished run in --out")
+
+
+def print_summary(summary: dict, out) -> None:
+    def pct(v):
+        return "n/a" if v is None else f"{100 * v:.2f}%"
+
+    print(f"method {summary['method']}: student {pct(summary.get('student_accuracy'))}, "
+          f"teacher {pct(summary.get('teacher_accuracy'))}, agreement {pct(summary.get('agreement'))}, "
+          f"{summary['steps']} steps, {summary['wall_seconds']:.1f}s, {summary['images_synthesized']} images synthesized")
+    print(f"run directory: {out}  (report: {Path(out) / 'report.md'}, samples: {Path(out) / 'samples.png'})")
