@@ -10,23 +10,23 @@ Format ``dfkd-checkpoint/1``::
               "test_accuracy", "seed", "created", ... anything else plain (e.g. "config")}}
 
 Files are always read with ``torch.load(..., weights_only=True)``: a file that would need
-arbitrary unpickling is refused, never executed.
+arbitrary unpickling is refused, never executed. Reading also refuses NaN/inf weights and an
+``arch_kwargs["num_classes"]`` that differs from ``len(meta["classes"])``.
 """
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import io
 import os
 import pickle
-import tempfile
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import torch
 import torch.nn as nn
 
+from teachers.files import atomic_write, sha256_file, torch_save  # noqa: F401  (atomic_write, sha256_file: re-exported)
 from teachers.normalize import NormalizedModel, build_model
 from teachers.registry import UnknownModelError
 
@@ -55,47 +55,6 @@ class CheckpointError(ValueError):
 
 
 # --------------------------------------------------------------------------- helpers
-def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
-    """Hex SHA-256 of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(chunk_size), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def atomic_write(path: str | os.PathLike, write: Callable[[Any], None]) -> Path:
-    """Call ``write(f)`` on a temporary binary file next to ``path``, fsync, ``os.replace``.
-
-    Creates the parent directories. The temporary file is removed if ``write`` fails, so a
-    reader sees either the old file or the complete new one.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    try:  # make the rename itself durable where the platform allows it
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError:
-        pass
-    return path
-
-
 def _plain(value: Any, where: str) -> Any:
     """Convert ``value`` to plain Python values and tensors, or raise CheckpointError."""
     if value is None or isinstance(value, (bool, int, float, str)):
@@ -212,6 +171,17 @@ def _format_error(name: str, obj: Any) -> CheckpointError:
     )
 
 
+def _check_finite(state_dict: Mapping[str, Any], name: str) -> None:
+    """Raise CheckpointError if a floating tensor of ``state_dict`` holds NaN or inf."""
+    bad = [k for k, v in state_dict.items()
+           if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise CheckpointError(
+            f"{name}: tensor {bad[0]!r} holds NaN/inf ({len(bad)} tensor(s) affected); the model diverged "
+            "or the file is corrupt: retrain it or restore a good copy"
+        )
+
+
 def _validate(obj: Any, name: str) -> dict:
     if not isinstance(obj, Mapping) or obj.get("format") not in KNOWN_FORMATS:
         raise _format_error(name, obj)
@@ -221,6 +191,13 @@ def _validate(obj: Any, name: str) -> dict:
         if not isinstance(obj[key], typ):
             raise CheckpointError(f"{name}: {key!r} must be a {typ.__name__}, got {type(obj[key]).__name__}")
     _validate_meta(obj["meta"], name)
+    n_out, n_classes = obj["arch_kwargs"].get("num_classes"), len(obj["meta"]["classes"])
+    if n_out is not None and n_out != n_classes:
+        raise CheckpointError(
+            f"{name}: the model has {n_out} outputs but meta lists {n_classes} classes; "
+            "the file was altered or written by another tool: re-save or re-import it"
+        )
+    _check_finite(obj["state_dict"], name)
     return dict(obj)
 
 
@@ -286,7 +263,7 @@ def save_checkpoint(path: str | os.PathLike, model: NormalizedModel, meta: Mappi
         "state_dict": {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()},
         "meta": meta,
     }
-    return atomic_write(path, lambda f: torch.save(payload, f))
+    return torch_save(path, payload)
 
 
 def read_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
@@ -338,6 +315,7 @@ def import_state_dict(
     sd = _strip_prefixes(obj)
     sd.pop("mean", None)
     sd.pop("std", None)
+    _check_finite(sd, str(src))
     model = _build(arch, arch_kwargs, meta, str(src))
     check_state_dict(model.net, sd, f"{src} (arch {arch!r})")
     model.net.load_state_dict(sd, strict=True)

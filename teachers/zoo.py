@@ -8,7 +8,9 @@ Format::
         path: lenet5_fmnist_a.pt      # relative to the manifest's directory, or absolute
         sha256: 3f5c...
 
-A file is hashed and loaded from the same bytes, so what is verified is what is used.
+A file is hashed and loaded from the same bytes, so what is verified is what is used. The
+same file may not be listed twice (it would count twice in an ensemble). For a file outside
+the manifest's folder a mismatch never reveals that file's hash.
 """
 from __future__ import annotations
 
@@ -19,9 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-import yaml
-
-from teachers.checkpoint import CheckpointError, _model_from, _read, atomic_write
+from teachers.checkpoint import CheckpointError, _model_from, _read
+from teachers.files import YAMLFileError, load_yaml, write_yaml
 from teachers.normalize import NormalizedModel
 
 __all__ = [
@@ -46,11 +47,13 @@ class ZooError(ValueError):
 
 @dataclass(frozen=True)
 class ZooEntry:
-    """One teacher of a manifest; ``path`` is absolute."""
+    """One teacher of a manifest; ``path`` is absolute; ``in_folder``: :func:`load_manifest` found
+    it inside the manifest's folder (only then does a sha256 mismatch show the file's hash)."""
 
     name: str
     path: Path
     sha256: str
+    in_folder: bool = False
 
 
 def build_manifest(
@@ -79,22 +82,26 @@ def build_manifest(
             raise ZooError(f"{len(entry_names)} names given for {len(files)} checkpoints in {directory}")
     _check_unique(entry_names, str(out_path))
     base = out_path.resolve().parent
-    teachers = []
+    teachers, seen = [], {}
     for name, file in zip(entry_names, files):
         data = file.read_bytes()
         try:
             _read(data, str(file))
         except CheckpointError as e:
             raise ZooError(f"teacher {name!r}: {e}") from e
+        digest = hashlib.sha256(data).hexdigest()
+        if digest in seen:
+            raise ZooError(f"{directory}: {seen[digest].name} and {file.name} are the same checkpoint (identical bytes); "
+                           "it would count twice in an ensemble: remove one")
+        seen[digest] = file
         resolved = file.resolve()
         try:
             rel = os.path.relpath(resolved, base)
         except ValueError:  # another drive on Windows
             rel = str(resolved)
-        teachers.append({"name": name, "path": Path(rel).as_posix(), "sha256": hashlib.sha256(data).hexdigest()})
+        teachers.append({"name": name, "path": Path(rel).as_posix(), "sha256": digest})
     manifest = {"format": ZOO_FORMAT, "teachers": teachers}
-    text = yaml.safe_dump(manifest, sort_keys=False)
-    atomic_write(out_path, lambda f: f.write(text.encode("utf-8")))
+    write_yaml(out_path, manifest)
     return manifest
 
 
@@ -112,16 +119,15 @@ def load_manifest(path: str | os.PathLike) -> list[ZooEntry]:
     if not path.is_file():
         raise ZooError(f"zoo manifest not found: {path}")
     try:
-        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise ZooError(f"{path}: not valid YAML: {e}") from None
-    if not isinstance(doc, Mapping):
-        raise ZooError(f"{path}: a zoo manifest must be a mapping with 'format' and 'teachers'")
+        doc = load_yaml(path, what="zoo manifest")
+    except YAMLFileError as e:
+        raise ZooError(str(e)) from e
     if doc.get("format") != ZOO_FORMAT:
         raise ZooError(f"{path}: unknown zoo format {doc.get('format')!r}; known: {ZOO_FORMAT}")
     items = doc.get("teachers")
     if not isinstance(items, list) or not items:
         raise ZooError(f"{path}: 'teachers' must be a non-empty list")
+    base = path.resolve().parent
     entries = []
     for i, item in enumerate(items):
         if not isinstance(item, Mapping):
@@ -133,9 +139,15 @@ def load_manifest(path: str | os.PathLike) -> list[ZooEntry]:
         if not _SHA256.match(digest):
             raise ZooError(f"{path}: teacher {name!r}: sha256 must be 64 hex digits, got {item['sha256']!r}")
         if not file.is_absolute():
-            file = path.resolve().parent / file
-        entries.append(ZooEntry(name=name, path=file, sha256=digest))
+            file = base / file
+        entries.append(ZooEntry(name=name, path=file, sha256=digest, in_folder=file.resolve().is_relative_to(base)))
     _check_unique([e.name for e in entries], str(path))
+    first: dict[str, str] = {}
+    for e in entries:
+        if e.sha256 in first:
+            raise ZooError(f"{path}: teachers {first[e.sha256]!r} and {e.name!r} are the same file (sha256 "
+                           f"{e.sha256[:12]}...); it would count twice in an ensemble: list it once")
+        first[e.sha256] = e.name
     return entries
 
 
@@ -145,6 +157,11 @@ def _verified(entry: ZooEntry, map_location="cpu", build: bool = True) -> tuple[
     data = entry.path.read_bytes()
     actual = hashlib.sha256(data).hexdigest()
     if actual != entry.sha256:
+        if not entry.in_folder:  # never tell the hash of a file elsewhere on the machine
+            raise ZooError(
+                f"teacher {entry.name!r}: {entry.path} (outside the manifest's folder) does not match the manifest's "
+                f"sha256 {entry.sha256}; fix the path or rebuild the manifest"
+            )
         raise ZooError(
             f"teacher {entry.name!r}: sha256 mismatch for {entry.path}: manifest {entry.sha256} vs file {actual} "
             "(the file changed since the manifest was built)"
