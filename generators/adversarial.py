@@ -9,7 +9,7 @@ import torch
 
 from dfkd.core.losses import attention_transfer_loss, kl_teacher_student, logit_l1
 from dfkd.core.schedule import cosine_factor
-from dfkd.core.taps import FeatureTap
+from dfkd.core.taps import FeatureTap, block_paths
 from generators.base import Synthesizer, SyntheticBatch, register_synthesizer, teacher_stats
 from generators.networks import DCGANGenerator
 
@@ -137,8 +137,7 @@ class ZSKT(AdversarialGeneratorSynthesizer):
         """Pair the teacher's and student's block outputs for attention transfer."""
         if self.options["at_beta"] <= 0:
             return
-        t_paths = list(getattr(self.teacher, "block_paths", ()) or ())
-        s_paths = list(getattr(student, "block_paths", ()) or ())
+        t_paths, s_paths = list(block_paths(self.teacher)), list(block_paths(student))
         n = min(len(t_paths), len(s_paths))
         if n == 0:
             self._taps = None

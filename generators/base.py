@@ -351,7 +351,7 @@ class Synthesizer:
     def student_losses(self, student: nn.Module, batch: SyntheticBatch) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
         """Named student losses on ``batch``, plus student and teacher logits.
 
-        Default: ``{"kd": T^2 KL(p_T^T || p_S^T)}`` (:func:`dfkd.losses.kd_loss`)."""
+        Default: ``{"kd": T^2 KL(p_T^T || p_S^T)}`` (:func:`dfkd.core.losses.kd_loss`)."""
         teacher_logits = batch.teacher_logits if batch.teacher_logits is not None else self.teacher_logits(batch.images)
         with self.autocast():
             student_logits = student(batch.images).float()

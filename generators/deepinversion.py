@@ -53,7 +53,7 @@ class DeepInversion(Synthesizer):
 
     Extension for teacher ensembles (off by default; nothing changes for one teacher):
     ``ensemble_bn_by_target`` matches each member's BN statistics on the images targeted at
-    its own classes only (:func:`dfkd.hooks.member_sample_masks`), since a member trained on
+    its own classes only (:func:`dfkd.core.bn.member_sample_masks`), since a member trained on
     classes 0-4 holds the statistics of those images only. Measured on the digits
     amalgamation test (two disjoint-half teachers, 120 steps): 19% with it against 60%
     without, so the paper's whole-batch matching stays the default.

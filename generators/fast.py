@@ -42,7 +42,7 @@ class Fast(Synthesizer):
 
        with ``x = G_phi(z)`` in ``[0,1]``, ``A`` a random crop (zero padding ``crop_pad``)
        and flip, and ``mu~``/``s2~`` the batch statistics blended with the earlier rounds'
-       (``bn_momentum``, see :class:`dfkd.hooks.BNStatisticsHook`). The adversarial term is
+       (``bn_momentum``, see :class:`dfkd.core.bn.BNStatisticsHook`). The adversarial term is
        off during the first ``warmup_rounds`` rounds;
     3. meta update (first-order MAML): ``theta <- Adam(theta, sum_k grad_phi L_k)`` with
        lr ``lr * iterations``, betas (0.5, 0.999);
@@ -63,7 +63,7 @@ class Fast(Synthesizer):
     the generator gets ``z + E[y]`` with a learned (meta-learned) class embedding, so the
     one-hot term can steer each image to its target in a few steps; with a teacher
     ensemble, ``ensemble_bn_by_target`` (off by default) matches each member's BN
-    statistics on the images targeted at its own classes (:func:`dfkd.hooks.member_sample_masks`),
+    statistics on the images targeted at its own classes (:func:`dfkd.core.bn.member_sample_masks`),
     which only separates the members' images when the generator is class-conditional;
     ``bn_priors`` (none by default; :mod:`generators.priors`): other networks of the same
     input domain add their BN-statistics term, ``L_bn_prior``, with weight ``bn_weight`` and

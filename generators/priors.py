@@ -6,7 +6,7 @@ feature statistics match the teacher's BatchNorm running statistics,
 
     L_bn(x; f) = sum_l ||mu_l(x) - mu_l^BN||_2 + ||s2_l(x) - s2_l^BN||_2,
 
-summed over the BN layers ``l`` of the network ``f`` (:class:`dfkd.hooks.BNStatisticsHook`).
+summed over the BN layers ``l`` of the network ``f`` (:class:`dfkd.core.bn.BNStatisticsHook`).
 A *prior* is a further network ``g_k`` trained on the same kind of images (a zoo member; its
 classes need not be the teacher's): the inversion adds
 
@@ -42,7 +42,7 @@ class BNPriors:
     :meth:`loss` runs every prior on the (already augmented) images the teacher saw and
     returns ``sum_k L_bn(x; g_k)`` (a zero tensor when there are no priors);
     :meth:`update_momentum`, :meth:`state_dict` and :meth:`load_state_dict` mirror
-    :class:`dfkd.hooks.BNStatisticsHook` for all of them at once.
+    :class:`dfkd.core.bn.BNStatisticsHook` for all of them at once.
     """
 
     def __init__(self, models: Sequence[nn.Module], method: str, momentum: float = 0.0, first_layer_weight: float = 1.0):

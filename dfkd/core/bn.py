@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from dfkd.core.losses import bn_statistics_loss
+from dfkd.core.taps import bn_layers, is_ensemble, members
 
 
 class BNStatisticsHook:
@@ -19,7 +20,7 @@ class BNStatisticsHook:
 
     On each forward pass, for each ``nn.BatchNorm1d/2d`` in eval mode, compares the batch
     mean and (biased) variance of the layer's input with its running statistics
-    (:func:`dfkd.losses.bn_statistics_loss`). ``loss()`` returns the sum over layers of the
+    (:func:`dfkd.core.losses.bn_statistics_loss`). ``loss()`` returns the sum over layers of the
     last forward pass; ``layer_losses`` the per-layer terms.
 
     Per-sample masks (:meth:`set_sample_masks`, an extension for teacher *ensembles*): a
@@ -40,11 +41,11 @@ class BNStatisticsHook:
     """
 
     def __init__(self, model: nn.Module, momentum: float = 0.0, first_layer_weight: float = 1.0):
-        self.bn_layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        self.bn_layers = bn_layers(model)
         self.layer_weights: dict[int, float] = {}
         if float(first_layer_weight) != 1.0:
-            for member in getattr(model, "members", None) or [model]:
-                first = next((m for m in member.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)), None)
+            for member in members(model):
+                first = next(iter(bn_layers(member)), None)
                 if first is not None:
                     self.layer_weights[id(first)] = float(first_layer_weight)
         self.layer_losses: list[torch.Tensor] = []
@@ -157,18 +158,16 @@ class BNStatisticsHook:
 
 
 def member_sample_masks(teacher: nn.Module, targets: torch.Tensor) -> dict[int, torch.Tensor] | None:
-    """For a :class:`dfkd.ensemble.TeacherEnsemble`, the sample masks of
+    """For a :class:`dfkd.multi.ensemble.TeacherEnsemble`, the sample masks of
     :meth:`BNStatisticsHook.set_sample_masks`: each BatchNorm layer of member ``t`` gets
     ``target in C_t``. ``None`` for a single teacher (every layer sees the whole batch)."""
-    members = getattr(teacher, "members", None)
-    if members is None or not hasattr(teacher, "index"):
+    if not is_ensemble(teacher):
         return None
     masks = {}
-    for i, member in enumerate(members):
+    for i, member in enumerate(members(teacher)):
         known = torch.zeros(teacher.num_classes, dtype=torch.bool, device=targets.device)
         known[teacher.index(i).to(targets.device)] = True
         mask = known[targets]
-        for module in member.modules():
-            if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                masks[id(module)] = mask
+        for module in bn_layers(member):
+            masks[id(module)] = mask
     return masks

@@ -1,4 +1,20 @@
-"""Forward hooks that capture features by module path, never by model surgery.
+"""The model interface, and forward hooks that capture features by module path (never by
+model surgery).
+
+The model interface is all the package reads from a model besides calling it:
+
+- ``head_path``: the module whose *input* is the penultimate feature vector (the classifier
+  head, an ``nn.Linear``; for a teacher ensemble, the junction where every member's
+  penultimate features meet);
+- ``block_paths``: the modules whose outputs are the feature stages (attention transfer,
+  feature amalgamation); may be empty;
+- ``members`` (teacher ensembles only): the member models, each a model of this interface.
+
+Zoo architectures declare ``head_path``/``block_paths`` on their network, torchvision models
+get them from :func:`teachers.models.tv.create_tv_model`, :class:`teachers.NormalizedModel`
+reads them from its network, and :class:`dfkd.multi.ensemble.TeacherEnsemble` declares its
+own. Code reads them through :func:`head_path`, :func:`block_paths`, :func:`members` and
+:func:`bn_layers`, never with ``getattr``.
 
 ``FeatureTap(model, ["layer2", "fc"])`` captures the outputs (or inputs) of modules named by
 their ``named_modules()`` path. Paths are resolved on ``model.net`` when the model is a
@@ -88,14 +104,35 @@ class FeatureTap:
         self.close()
 
 
-def _head_path(model: nn.Module) -> str | None:
+def head_path(model: nn.Module) -> str | None:
+    """The model's ``head_path`` (module docstring), or ``None`` when it declares none."""
     return getattr(model, "head_path", None) or getattr(inner_network(model), "head_path", None)
+
+
+def block_paths(model: nn.Module) -> tuple[str, ...]:
+    """The model's ``block_paths`` (module docstring); empty when it declares none."""
+    return tuple(getattr(model, "block_paths", None) or getattr(inner_network(model), "block_paths", None) or ())
+
+
+def members(model: nn.Module) -> list[nn.Module]:
+    """The members of a teacher ensemble; ``[model]`` for a single model."""
+    found = getattr(model, "members", None)
+    return list(found) if found is not None else [model]
+
+
+def is_ensemble(model: nn.Module) -> bool:
+    return getattr(model, "members", None) is not None
+
+
+def bn_layers(model: nn.Module) -> list[nn.Module]:
+    """Every BatchNorm layer of the model (of all members, for an ensemble), in module order."""
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
 
 def penultimate_tap(model: nn.Module) -> FeatureTap:
     """A tap on the input of the model's classifier head (``head_path``): its penultimate
     features (the embedding plots; DAFL with ``activation_features="penultimate"``)."""
-    head = _head_path(model)
+    head = head_path(model)
     if head is None:
         raise FeatureTapError(f"{type(model).__name__} has no head_path; name the feature layer explicitly")
     return FeatureTap(model, [head], capture="input")
@@ -108,7 +145,7 @@ def fc_input_tap(model: nn.Module) -> FeatureTap:
     official code defines its activation loss's ``f_T``. Networks without such a layer (MLPs)
     and teacher ensembles (whose ``head_path`` is not a layer but the junction where every
     member's penultimate features meet) get :func:`penultimate_tap`."""
-    head = _head_path(model)
+    head = head_path(model)
     if head is not None and not isinstance(resolve_module(model, head), nn.Linear):
         return penultimate_tap(model)
     seen_conv = False

@@ -69,7 +69,7 @@ class RunOptions:
     progress: bool = True
     seed: int = 0
     extra_summary: dict = field(default_factory=dict)
-    student_ema: float = 0.0  # decay of a moving average of the student's weights (dfkd.ema); 0: off
+    student_ema: float = 0.0  # decay of a moving average of the student's weights (dfkd.engine.ema); 0: off
 
 
 class DistillationRun:

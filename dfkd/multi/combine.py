@@ -3,7 +3,7 @@
 Conventions shared by every combiner (``nn.Module``; ``forward(logits, mask)``):
 
 - ``logits``: ``(T, B, K)`` -- teacher ``t``'s logits already *placed* in the union label
-  space of ``K`` classes (see :class:`dfkd.ensemble.TeacherEnsemble`). Entries of classes a
+  space of ``K`` classes (see :class:`dfkd.multi.ensemble.TeacherEnsemble`). Entries of classes a
   teacher does not know are ignored (the ensemble fills them with 0).
 - ``mask``: ``(T, K)`` bool -- ``mask[t, k]`` is true when teacher ``t`` knows union class ``k``.
 - the result is ``(B, K)`` **merged logits**: unnormalised log-scores whose softmax is the
@@ -150,8 +150,8 @@ class Combiner(nn.Module):
 
     Stochastic combiners (``noisy``, ``pate``) add their noise only in training mode
     (``combiner.train()``); in eval mode they are deterministic. A
-    :class:`~dfkd.ensemble.TeacherEnsemble` keeps its own combiner in eval mode; the
-    student-loss wrapper (:class:`dfkd.amalgamation.AmalgamationSynthesizer`) uses a
+    :class:`~dfkd.multi.ensemble.TeacherEnsemble` keeps its own combiner in eval mode; the
+    student-loss wrapper (:class:`dfkd.multi.synthesizer.AmalgamationSynthesizer`) uses a
     training-mode instance for the student's targets.
     """
 

@@ -7,14 +7,14 @@ A teacher zoo may mix architectures, input normalisations and class sets. The en
 - maps each member's classes (``meta["classes"]``, original class ids of its data set) into
   the sorted **union label space** ``self.classes``; ``index(i)[j]`` is the union position of
   member ``i``'s output ``j`` and ``mask[i, k]`` says whether member ``i`` knows union class ``k``;
-- merges the members' logits with a combiner of :mod:`dfkd.combine` (``forward``) and exposes
+- merges the members' logits with a combiner of :mod:`dfkd.multi.combine` (``forward``) and exposes
   per-member logits and penultimate features (``forward_all``).
 
 It is accepted wherever one teacher is: ``forward(x)`` returns merged logits over the union;
 ``mean``/``std`` are the **first member's** (synthesizers that shape their images with a
 teacher's statistics use them); ``head_path`` names an ``nn.Identity`` through which the
 concatenation of every member's penultimate features passes, so
-:func:`dfkd.hooks.penultimate_tap` (DAFL, the embedding plots) sees all members;
+:func:`dfkd.core.taps.penultimate_tap` (DAFL, the embedding plots) sees all members;
 ``block_paths`` is empty (ZSKT's attention term is skipped: members' blocks do not pair with
 one student); every member's BatchNorm layers are reached by ``modules()`` (DeepInversion
 matches all of them); ``train()`` leaves members in eval mode. The ensemble has no ``net``
@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dfkd.core.taps import FeatureTap
+from dfkd.core.taps import FeatureTap, head_path
 from dfkd.multi.combine import Combiner, create_combiner
 from teachers import NormalizedModel, freeze, load_checkpoint, load_zoo
 
@@ -105,7 +105,7 @@ def _head_path(model: NormalizedModel, meta: Mapping, given: str | None, name: s
         return given
     if meta.get("head_path"):
         return str(meta["head_path"])
-    head = getattr(model.net, "head_path", None)
+    head = head_path(model)
     if head:
         return head
     head = _last_linear(model.net)
@@ -124,8 +124,8 @@ class TeacherEnsemble(nn.Module):
             ``meta`` needs ``classes`` and ``image_shape``; ``class_names`` and ``dataset``
             are used when present. A model that is not a ``NormalizedModel`` is wrapped in
             one with ``meta["mean"]``/``meta["std"]``.
-        combine: name of the combiner for ``forward`` (:func:`dfkd.combine.list_combiners`)
-            or a :class:`~dfkd.combine.Combiner`; ``combine_options`` are its options.
+        combine: name of the combiner for ``forward`` (:func:`dfkd.multi.combine.list_combiners`)
+            or a :class:`~dfkd.multi.combine.Combiner`; ``combine_options`` are its options.
         class_map: ``{member_name: [union ids]}`` (see the module docstring).
         classes: optional explicit union label space (ids); a member class outside it is an
             error naming the member. Default: the sorted union of the members' classes.

@@ -1,6 +1,6 @@
 """Knowledge amalgamation: merging several teachers' *features* (and logits) into one student.
 
-Features are captured with :class:`dfkd.hooks.FeatureTap` on module paths (no model surgery).
+Features are captured with :class:`dfkd.core.taps.FeatureTap` on module paths (no model surgery).
 Layer pairs are declared as ``"student_path:member.path"`` strings (comma-separated on the
 command line), e.g. ``"relu3:digits_a.relu3,relu3:digits_b.relu3"``: the student's module at
 ``relu3`` is paired with module ``relu3`` of the member named ``digits_a`` (paths inside the
@@ -16,7 +16,7 @@ Methods of :class:`FeatureAmalgamator` (named loss terms; adapters are 1x1 convo
   ``hint = mean_pairs MSE(r(f_S), f_T)`` with a regressor ``r`` from the student's to the
   teacher's channels.
 - ``"attention"`` -- attention transfer (Zagoruyko & Komodakis, ICLR 2017), per pair:
-  ``attention = sum_pairs mean (a_S - a_T)^2`` (:func:`dfkd.losses.attention_transfer_loss`);
+  ``attention = sum_pairs mean (a_S - a_T)^2`` (:func:`dfkd.core.losses.attention_transfer_loss`);
   no adapter, 4-D features only.
 - ``"cfl"`` -- common feature learning (Luo et al., IJCAI 2019, "Knowledge amalgamation from
   heterogeneous networks by common feature learning"), per group: encoders ``h_S``, ``h_i``
@@ -52,7 +52,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dfkd.core.losses import attention_transfer_loss
-from dfkd.core.taps import FeatureTap
+from dfkd.core.taps import FeatureTap, block_paths
 
 __all__ = [
     "AmalgamationError",
@@ -140,15 +140,12 @@ def parse_layers(spec: str | Iterable[Any], teacher_names: Sequence[str]) -> lis
 
 def default_layers(ensemble, student: nn.Module) -> list[LayerPair]:
     """The student's last block paired with every member's last block (``block_paths``)."""
-    s_blocks = tuple(getattr(student, "block_paths", ()) or ())
+    s_blocks = block_paths(student)
     if not s_blocks:
         raise AmalgamationError("the student declares no block_paths; give the layer pairs explicitly (--layers)")
     pairs = []
     for name, member in zip(ensemble.names, ensemble.members):
-        try:
-            t_blocks = tuple(member.block_paths)
-        except AttributeError:
-            t_blocks = ()
+        t_blocks = block_paths(member)
         if not t_blocks:
             raise AmalgamationError(f"member {name!r} declares no block_paths; give the layer pairs explicitly (--layers)")
         pairs.append(LayerPair(s_blocks[-1], name, t_blocks[-1]))
@@ -196,7 +193,7 @@ class FeatureAmalgamator:
     """Feature-level amalgamation of an ensemble's members into a student (module docstring).
 
     Args:
-        ensemble: a :class:`dfkd.ensemble.TeacherEnsemble`.
+        ensemble: a :class:`dfkd.multi.ensemble.TeacherEnsemble`.
         student: the student model (its paths are resolved like any dfkd model's).
         spec: layer pairs (see :func:`parse_layers`); None: :func:`default_layers`.
         method: ``"cfl"``, ``"layerwise_ae"``, ``"hint"`` or ``"attention"``.

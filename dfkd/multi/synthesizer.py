@@ -10,7 +10,7 @@ from dfkd.multi.features import FEATURE_METHODS, AmalgamationError, FeatureAmalg
 
 # ----------------------------------------------------------------------------- the engine's view
 class AmalgamationSynthesizer:
-    """A synthesizer driven by a :class:`~dfkd.ensemble.TeacherEnsemble`, with the ensemble's
+    """A synthesizer driven by a :class:`~dfkd.multi.ensemble.TeacherEnsemble`, with the ensemble's
     student loss.
 
     Everything a synthesizer does (``synthesize``, ``sample``, ``options``, ``name``,

@@ -1,8 +1,8 @@
 """Post-run analysis: what the synthesized images look like to the teacher, and plots of it.
 
 :func:`analyze_run` runs the teacher over synthesized (and optionally real) images, computes
-the sample-quality metrics of :mod:`dfkd.quality` from its logits and penultimate features,
-and writes the figures of :mod:`dfkd.plots` into the run directory.
+the sample-quality metrics of :mod:`dfkd.reporting.quality` from its logits and penultimate features,
+and writes the figures of :mod:`dfkd.reporting.plots` into the run directory.
 """
 from __future__ import annotations
 
@@ -68,13 +68,13 @@ def analyze_run(run_dir, teacher: nn.Module, student: nn.Module, synthetic_image
 
     The teacher (eval mode) sees at most 2000 synthetic and 2000 real images (seeded random
     subsets, batches of 500); its logits and penultimate features (``penultimate_tap``) give
-    :func:`dfkd.quality.sample_quality`. Written: ``samples.png`` and ``classes.png``; with
+    :func:`dfkd.reporting.quality.sample_quality`. Written: ``samples.png`` and ``classes.png``; with
     real images also ``embedding.png`` (``embedding`` = ``"pca"`` or ``"tsne"``) and
     ``confusion.png`` (the student on all given real images); ``curves.png`` when
     ``metrics.csv`` exists. Models must already be on ``device``; the teacher is left in eval
     mode, the student's train/eval mode is restored afterwards. Returns the quality dict plus ``plots``, the file names
     written, and, with real images, ``sure_teacher``: the student's agreement with the teacher on
-    all real images split by the teacher's confidence (:func:`dfkd.quality.sure_teacher_agreement`).
+    all real images split by the teacher's confidence (:func:`dfkd.reporting.quality.sure_teacher_agreement`).
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -158,7 +158,7 @@ def plot_class_histogram(predictions, class_names, path) -> Path:
     """Bar chart of the teacher's predicted classes on synthesized data.
 
     A dashed line marks the uniform expectation ``N / K``; the title gives the class balance
-    (normalised entropy, :func:`dfkd.quality.class_balance`).
+    (normalised entropy, :func:`dfkd.reporting.quality.class_balance`).
     """
     from dfkd.reporting.quality import class_balance
 

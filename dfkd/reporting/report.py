@@ -1,7 +1,7 @@
 """A Markdown report of one run directory: what was run, the numbers, the figures.
 
 :func:`write_report` reads whatever the run directory holds (``summary.json``,
-``config.yaml``, the PNGs of :mod:`dfkd.analysis`) and writes ``report.md`` next to them.
+``config.yaml``, the PNGs of :mod:`dfkd.reporting.analysis`) and writes ``report.md`` next to them.
 Anything missing is left out of the report, never an error.
 """
 from __future__ import annotations
@@ -129,7 +129,7 @@ def _class_names(summary: dict, count: int) -> list[str]:
 
 def _sure_teacher(summary: dict) -> list[str]:
     """The student against a teacher that is sure (``summary["sure_teacher"]``, see
-    :func:`dfkd.quality.sure_teacher_agreement`)."""
+    :func:`dfkd.reporting.quality.sure_teacher_agreement`)."""
     sure = summary.get("sure_teacher")
     if not isinstance(sure, dict) or sure.get("sure_fraction") is None:
         return []
