@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT))
 
 from dfkd.config import load_yaml  # noqa: E402
 from dfkd.core.device import resolve_device  # noqa: E402
-from dfkd.engine.optim import build_student_optimizer  # noqa: E402
+from dfkd.engine.optim import StudentOptim  # noqa: E402
 from generators import create_synthesizer  # noqa: E402
 from teachers import build_model, freeze, load_checkpoint  # noqa: E402
 
@@ -45,7 +45,7 @@ def measure(method_file: str, teacher, device, rounds: int) -> dict:
     synth = create_synthesizer(cfg["method"], teacher, image_shape=(1, 32, 32), num_classes=10, device=device,
                                **cfg["options"])
     synth.attach_student(student)
-    optimizer = build_student_optimizer(student, synth.options)
+    optimizer = StudentOptim.resolve(synth.student_recipe, cfg).build(student.parameters())
 
     def sync():
         if device.type == "cuda":

@@ -6,29 +6,14 @@ first: built-in defaults < ``--config FILE`` < explicit flags < ``key=value`` ov
 """
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import yaml
 
 from dfkd.core.options import OptionError, check_type
+from teachers.files import load_yaml  # noqa: F401  (config files are read through the bounded loader)
 
 
 class ConfigError(OptionError):
     """A config file or override that names an unknown key or has the wrong type."""
-
-
-def load_yaml(path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file {path} must hold a mapping of option: value, not {type(data).__name__}")
-    return data
 
 
 def parse_value(text: str):
@@ -78,13 +63,3 @@ def merge_config(defaults: dict, *layers: dict) -> dict:
                 continue
             merged[key] = check_type(key, value, defaults[key], ConfigError)
     return merged
-
-
-def write_yaml(path, data: dict) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        yaml.safe_dump(data, handle, sort_keys=False)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)

@@ -5,12 +5,14 @@ and several student steps on fresh generator samples per generator step.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from dfkd.core.losses import attention_transfer_loss, kl_teacher_student, logit_l1
 from dfkd.core.schedule import cosine_factor
 from dfkd.core.taps import FeatureTap, block_paths
-from generators.base import Synthesizer, SyntheticBatch, register_synthesizer, teacher_stats
+from generators.base import Synthesizer, SyntheticBatch, register_synthesizer, seeded, teacher_stats
 from generators.networks import DCGANGenerator
 
 
@@ -24,12 +26,13 @@ class AdversarialGeneratorSynthesizer(Synthesizer):
 
     def __init__(self, teacher, image_shape, num_classes, device="cpu", seed=0, **options):
         super().__init__(teacher, image_shape, num_classes, device, seed, **options)
-        torch.manual_seed(seed)
         o = self.options
         mean, std = teacher_stats(teacher, self.image_shape[0])
-        self.generator = DCGANGenerator(o["nz"], self.image_shape, o["ngf"], mean, std).to(self.device)
+        with seeded(seed):
+            self.generator = DCGANGenerator(o["nz"], self.image_shape, o["ngf"], mean, std).to(self.device)
         self.generator_optimizer = torch.optim.Adam(self.generator.parameters(), lr=o["generator_lr"])
         self.generator_steps = 0
+        self.generator_total_steps = int(o["generator_total_steps"])
 
     def discrepancy(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError("abstract: subclasses define the discrepancy the generator maximises")
@@ -40,9 +43,14 @@ class AdversarialGeneratorSynthesizer(Synthesizer):
     def generate(self, n: int) -> torch.Tensor:
         return self.generator(self.latents(n))
 
+    def plan(self, total_student_steps: int) -> None:
+        """``generator_total_steps`` 0 (the default) spans the run: one generator step per round."""
+        if not self.options["generator_total_steps"]:
+            self.generator_total_steps = math.ceil(total_student_steps / self.student_steps_per_round)
+
     def _set_generator_lr(self):
         o = self.options
-        total = o["generator_total_steps"]
+        total = o["generator_total_steps"] or self.generator_total_steps
         if o["generator_schedule"] == "cosine" and total > 0:
             for group in self.generator_optimizer.param_groups:
                 group["lr"] = o["generator_lr"] * cosine_factor(self.generator_steps, total)
@@ -118,15 +126,17 @@ class ZSKT(AdversarialGeneratorSynthesizer):
     defaults = {
         **AdversarialGeneratorSynthesizer.defaults,
         "batch_size": 128,
-        "student_optimizer": "adam",
-        "student_lr": 2e-3,
-        "student_schedule": "cosine",
         "student_steps_per_round": 10,
-        "student_grad_clip": 5.0,
         "generator_grad_clip": 5.0,
         "at_beta": 250.0,
         "kl_per_class": True,
         "repeat_batch": True,
+    }
+    student_recipe = {
+        "optimizer": "adam",
+        "lr": 2e-3,
+        "schedule": "cosine",
+        "grad_clip": 5.0,
     }
 
     _taps = None
@@ -203,11 +213,13 @@ class DFAD(AdversarialGeneratorSynthesizer):
         **AdversarialGeneratorSynthesizer.defaults,
         "nz": 256,
         "batch_size": 256,
-        "student_optimizer": "sgd",
-        "student_lr": 0.1,
-        "student_weight_decay": 5e-4,
-        "student_schedule": "cosine",
         "student_steps_per_round": 5,
+    }
+    student_recipe = {
+        "optimizer": "sgd",
+        "lr": 0.1,
+        "weight_decay": 5e-4,
+        "schedule": "cosine",
     }
 
     def discrepancy(self, student_logits, teacher_logits):

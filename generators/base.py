@@ -28,6 +28,19 @@ from dfkd.core.options import check_type
 from generators.priors import BNPriors
 from teachers.registry import Registry
 
+#: run settings that are not method options (the engine owns the student's optimiser)
+STUDENT_RUN_KEYS = ("student_optimizer", "student_lr", "student_weight_decay", "student_momentum", "student_schedule",
+                    "student_grad_clip")
+
+
+@contextlib.contextmanager
+def seeded(seed: int):
+    """Random draws inside the block (e.g. a generator's initial weights) come from ``seed``;
+    the global random state is left as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(seed))
+        yield
+
 
 class UnknownSynthesizerError(ValueError):
     """An unknown method name."""
@@ -239,12 +252,12 @@ class Synthesizer:
 
     - ``batch_size``: images per student step;
     - ``temperature``: KD temperature of the student loss;
-    - ``student_optimizer`` (``"adam"``/``"sgd"``), ``student_lr``, ``student_weight_decay``,
-      ``student_momentum``, ``student_schedule`` (``"cosine"``/``"constant"``/``"step"``) —
-      read by the engine to build the student's optimiser;
-    - ``student_steps_per_round``: student steps per synthesis round;
-    - ``student_grad_clip``: clip the student's gradient to this l2 norm before each step
-      (0: off; ZSKT's official code clips at 5).
+    - ``student_steps_per_round``: student steps per synthesis round.
+
+    ``student_recipe`` is the student's optimiser as the method's paper trains it (keys
+    ``optimizer``, ``lr``, ``weight_decay``, ``momentum``, ``schedule``, ``grad_clip``). It is a
+    recommendation, not an option: the engine owns the student's optimiser
+    (:class:`dfkd.engine.optim.StudentOptim`) and a run's ``student_*`` settings override it.
 
     ``bn_priors`` (not an option: frozen models, see :mod:`generators.priors`) are further
     networks of the same input domain whose BatchNorm statistics the images must match too;
@@ -255,15 +268,11 @@ class Synthesizer:
     common_defaults: dict = {
         "batch_size": 256,
         "temperature": 1.0,
-        "student_optimizer": "adam",
-        "student_lr": 1e-3,
-        "student_weight_decay": 0.0,
-        "student_momentum": 0.9,
-        "student_schedule": "cosine",
         "student_steps_per_round": 1,
-        "student_grad_clip": 0.0,
     }
     defaults: dict = {}
+    #: the student's optimiser in the method's paper (see the class docstring)
+    student_recipe: dict = {}
     #: whether the method matches BatchNorm statistics (and so can use ``bn_priors``)
     uses_bn_statistics = False
 
@@ -297,6 +306,11 @@ class Synthesizer:
     def resolve_options(cls, options: dict) -> dict:
         merged = cls.all_defaults()
         unknown = sorted(set(options) - set(merged))
+        run_settings = [k for k in unknown if k in STUDENT_RUN_KEYS]
+        if run_settings:
+            raise SynthesizerOptionError(
+                f"{', '.join(run_settings)} belong to the run, not to the method's options: give them at the top "
+                f"level of the config (e.g. {run_settings[0]}: ...) or as --{run_settings[0].replace('_', '-')}")
         if unknown:
             raise SynthesizerOptionError(
                 f"method {cls.name!r} does not accept option(s) {', '.join(unknown)}; "
@@ -329,6 +343,15 @@ class Synthesizer:
     # -- the interface ---------------------------------------------------------------------
     def attach_student(self, student: nn.Module) -> None:
         """Called once by the engine with the student (methods that tap its features use it)."""
+
+    def plan(self, total_student_steps: int) -> None:
+        """Called once by the engine with the run's length in student steps (methods whose
+        own schedules span the run read it here)."""
+
+    def extra_parameters(self) -> list[nn.Parameter]:
+        """Trainable parameters the engine optimises together with the student (e.g. feature
+        adapters); known after :meth:`attach_student`. None by default."""
+        return []
 
     def synthesize(self, student: nn.Module) -> dict[str, torch.Tensor]:
         """One synthesis round; returns named, detached loss terms (tensors, no sync)."""

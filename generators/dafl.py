@@ -5,7 +5,14 @@ import torch
 
 from dfkd.core.losses import activation_loss, information_entropy_loss, one_hot_loss
 from dfkd.core.taps import fc_input_tap, penultimate_tap
-from generators.base import Synthesizer, SynthesizerOptionError, SyntheticBatch, register_synthesizer, teacher_stats
+from generators.base import (
+    Synthesizer,
+    SynthesizerOptionError,
+    SyntheticBatch,
+    register_synthesizer,
+    seeded,
+    teacher_stats,
+)
 from generators.networks import DCGANGenerator
 
 
@@ -41,19 +48,21 @@ class DAFL(Synthesizer):
         "one_hot_weight": 1.0,
         "activation_weight": 0.1,
         "information_entropy_weight": 5.0,
-        "student_optimizer": "adam",
-        "student_lr": 2e-3,
-        "student_schedule": "constant",
         "student_steps_per_round": 1,
         "activation_features": "fc_input",
         "entropy_log_base": 10.0,
     }
+    student_recipe = {
+        "optimizer": "adam",
+        "lr": 2e-3,
+        "schedule": "constant",
+    }
 
     def __init__(self, teacher, image_shape, num_classes, device="cpu", seed=0, **options):
         super().__init__(teacher, image_shape, num_classes, device, seed, **options)
-        torch.manual_seed(seed)
         mean, std = teacher_stats(teacher, self.image_shape[0])
-        self.generator = DCGANGenerator(self.options["nz"], self.image_shape, self.options["ngf"], mean, std).to(self.device)
+        with seeded(seed):
+            self.generator = DCGANGenerator(self.options["nz"], self.image_shape, self.options["ngf"], mean, std).to(self.device)
         self.generator_optimizer = torch.optim.Adam(self.generator.parameters(), lr=self.options["generator_lr"])
         taps = {"fc_input": fc_input_tap, "penultimate": penultimate_tap}
         if self.options["activation_features"] not in taps:

@@ -84,12 +84,14 @@ class DeepInversion(Synthesizer):
         "student_augment": True,
         "student_mixup": 0.0,
         "batch_size": 256,
-        "student_optimizer": "sgd",
-        "student_lr": 0.05,
-        "student_weight_decay": 5e-4,
-        "student_schedule": "cosine",
         "student_steps_per_round": 50,
         "temperature": 1.0,
+    }
+    student_recipe = {
+        "optimizer": "sgd",
+        "lr": 0.05,
+        "weight_decay": 5e-4,
+        "schedule": "cosine",
     }
 
     def __init__(self, teacher, image_shape, num_classes, device="cpu", seed=0, **options):

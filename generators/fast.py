@@ -18,6 +18,7 @@ from generators.base import (
     bn_statistics_hook,
     mix_batch,
     register_synthesizer,
+    seeded,
 )
 from generators.networks import DCGANGenerator
 
@@ -99,11 +100,13 @@ class Fast(Synthesizer):
         "balance_classes": False,
         "batch_size": 256,
         "temperature": 20.0,
-        "student_optimizer": "sgd",
-        "student_lr": 0.2,
-        "student_weight_decay": 1e-4,
-        "student_schedule": "cosine",
         "student_steps_per_round": 400,
+    }
+    student_recipe = {
+        "optimizer": "sgd",
+        "lr": 0.2,
+        "weight_decay": 1e-4,
+        "schedule": "cosine",
     }
 
     def __init__(self, teacher, image_shape, num_classes, device="cpu", seed=0, **options):
@@ -114,9 +117,9 @@ class Fast(Synthesizer):
         self.bn_hook = bn_statistics_hook(teacher, "fast", o["bn_weight"], momentum=o["bn_momentum"],
                                           first_layer_weight=o["first_bn_weight"])
         self.bn_priors = self.build_bn_priors(momentum=o["bn_momentum"], first_layer_weight=o["first_bn_weight"])
-        torch.manual_seed(seed)
-        self.generator = DCGANGenerator(o["nz"], self.image_shape, o["ngf"], output="sigmoid",
-                                        num_classes=self.num_classes if o["class_conditional"] else 0).to(self.device)
+        with seeded(seed):
+            self.generator = DCGANGenerator(o["nz"], self.image_shape, o["ngf"], output="sigmoid",
+                                            num_classes=self.num_classes if o["class_conditional"] else 0).to(self.device)
         self.meta_optimizer = torch.optim.Adam(self.generator.parameters(), lr=o["lr"] * o["iterations"], betas=(0.5, 0.999))
         self.pool = ImagePool(o["pool_size"])
         self.rounds = 0

@@ -29,10 +29,12 @@ class RealImages(Synthesizer):
         "batch_size": 128,
         "augment": True,
         "flip": False,
-        "student_optimizer": "adam",
-        "student_lr": 1e-3,
-        "student_schedule": "cosine",
         "student_steps_per_round": 1,
+    }
+    student_recipe = {
+        "optimizer": "adam",
+        "lr": 1e-3,
+        "schedule": "cosine",
     }
 
     def __init__(self, teacher, image_shape, num_classes, device="cpu", seed=0, images=None, **options):

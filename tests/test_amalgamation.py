@@ -9,6 +9,7 @@ from dfkd.core.losses import attention_transfer_loss
 from dfkd.multi.ensemble import TeacherEnsemble
 from dfkd.multi.features import AmalgamationError, FeatureAmalgamator, LayerPair, default_layers, mmd, parse_layers
 from dfkd.multi.synthesizer import AmalgamationSynthesizer
+from generators.base import Synthesizer, SyntheticBatch
 from teachers import build_model
 
 SHAPE = (1, 32, 32)
@@ -143,35 +144,20 @@ def test_shapes_no_adapter_can_bridge_are_errors_naming_the_layers(ensemble, stu
 
 
 # ----------------------------------------------------------------------------- the wrapper
-class FixedBatches:
+class FixedBatches(Synthesizer):
     """A minimal synthesizer: fixed images, KD by default."""
 
     name = "fixed"
 
     def __init__(self, teacher):
-        from generators.base import Synthesizer
-
-        self.base = Synthesizer(teacher, SHAPE, 10)
+        super().__init__(teacher, SHAPE, 10)
         self.images = torch.rand(16, *SHAPE)
-        self.options, self.device = self.base.options, self.base.device
-        self.temperature, self.student_steps_per_round, self.images_synthesized, self.num_classes = 1.0, 1, 0, 10
-
-    def autocast(self):
-        return self.base.autocast()
-
-    def attach_student(self, student):
-        pass
 
     def synthesize(self, student):
         return {}
 
     def sample(self):
-        from generators.base import SyntheticBatch
-
         return SyntheticBatch(self.images)
-
-    def student_losses(self, student, batch):
-        return self.base.student_losses(student, batch)
 
     def state_dict(self):
         return {"n": 1}

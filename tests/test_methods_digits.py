@@ -9,8 +9,10 @@ import torch
 
 from dfkd.data import load_dataset
 from dfkd.engine.evaluation import EvalData
+from dfkd.engine.optim import StudentOptim
 from dfkd.engine.run import DistillationRun, RunOptions
 from generators import create_synthesizer
+from generators.base import STUDENT_RUN_KEYS
 from teachers import build_model, freeze, train_classifier
 
 pytestmark = pytest.mark.slow
@@ -58,8 +60,11 @@ def run_case(method, teacher, test, info, run_dir, seed=0) -> dict:
     options, steps, _ = CASES[method]
     torch.manual_seed(seed)
     student = build_model("lenet5_half", 10, 1, 32, info.mean, info.std)
-    synth = create_synthesizer(method, teacher, image_shape=(1, 32, 32), num_classes=10, seed=seed, **options)
-    run = DistillationRun(teacher, student, synth, run_dir, RunOptions(steps=steps, progress=False),
+    run_settings = {k: v for k, v in options.items() if k in STUDENT_RUN_KEYS}
+    method_options = {k: v for k, v in options.items() if k not in STUDENT_RUN_KEYS}
+    synth = create_synthesizer(method, teacher, image_shape=(1, 32, 32), num_classes=10, seed=seed, **method_options)
+    optim = StudentOptim.resolve(synth.student_recipe, run_settings)
+    run = DistillationRun(teacher, student, synth, run_dir, RunOptions(steps=steps, progress=False, student_optim=optim),
                           eval_data=EvalData(test.images, test.labels),
                           student_meta={"dataset": "digits", "classes": list(range(10)), "class_names": info.class_names,
                                         "mean": list(info.mean), "std": list(info.std), "image_shape": [1, 32, 32], "seed": seed})

@@ -83,6 +83,13 @@ class RunConfig(_Layered):
     checkpoint_every: int = 0  # 0: only at the end
     student_ema: float = 0.0
     samples: int = 512
+    # the student's optimiser (dfkd.engine.optim.StudentOptim); None: the method's recipe
+    student_optimizer: Any = None
+    student_lr: Any = None
+    student_weight_decay: Any = None
+    student_momentum: Any = None
+    student_schedule: Any = None
+    student_grad_clip: Any = None
     bn_priors: list = field(default_factory=list)
     options: dict = field(default_factory=dict)
 

@@ -9,6 +9,7 @@ killed before that is resumed with ``resume=True``, which completes whatever is 
 from __future__ import annotations
 
 import logging
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,15 +19,16 @@ import torch
 from torch import nn
 
 from dfkd.api.config import RunConfig
-from dfkd.config import write_yaml
 from dfkd.core.device import resolve_device, seed_everything
 from dfkd.data import load_dataset
 from dfkd.engine.evaluation import EvalData
-from dfkd.engine.run import DistillationRun, RunOptions, atomic_json
+from dfkd.engine.optim import StudentOptim
+from dfkd.engine.run import DistillationRun, RunOptions
 from dfkd.reporting.analysis import analyze_run
 from dfkd.reporting.report import write_report
 from generators import synthesizer_class
 from teachers import build_model, freeze, load_checkpoint
+from teachers.files import write_json, write_yaml
 
 log = logging.getLogger("dfkd")
 
@@ -131,6 +133,17 @@ def analyze(out: Path, teacher, student, synth, eval_data, meta, device, n_sampl
     return {"sample_quality": result, "plots": plots, **({"sure_teacher": sure_teacher} if sure_teacher else {})}
 
 
+def json_safe(value):
+    """``value`` with every NaN or infinite float replaced by ``None`` (JSON holds neither)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
 SynthesizerFactory = Callable[..., object]
 SummaryExtras = Callable[[nn.Module, torch.device], dict]
 
@@ -173,6 +186,8 @@ def execute(config: RunConfig, teacher: nn.Module, meta: dict, *, resume: bool =
         cfg["method"], teacher, image_shape=meta["image_shape"], num_classes=len(classes), device=device,
         seed=cfg["seed"], **({"bn_priors": bn_priors} if bn_priors else {}), **options)
     cfg["options"] = dict(synth.options)  # resolved: every method option with its value
+    student_optim = StudentOptim.resolve(synth.student_recipe, cfg)
+    cfg.update(student_optim.as_config())  # resolved: the student's optimiser as run
     write_yaml(out / "config.yaml", cfg)
 
     eval_data = None
@@ -188,7 +203,7 @@ def execute(config: RunConfig, teacher: nn.Module, meta: dict, *, resume: bool =
         teacher, student, synth, out,
         RunOptions(steps=cfg["steps"], eval_every=cfg["eval_every"], log_every=cfg["log_every"],
                    checkpoint_every=cfg["checkpoint_every"], progress=progress, seed=cfg["seed"],
-                   student_ema=float(cfg["student_ema"] or 0.0),
+                   student_ema=float(cfg["student_ema"] or 0.0), student_optim=student_optim,
                    extra_summary={"student": cfg["student"], "class_names": list(meta["class_names"]),
                                   "device": str(device), **(record or {}),
                                   **({"command": command} if command else {}),
@@ -202,7 +217,7 @@ def execute(config: RunConfig, teacher: nn.Module, meta: dict, *, resume: bool =
     summary.update(analyze(out, teacher, student, synth, eval_data, meta, device, cfg["samples"]))
     if summary_extras is not None:
         summary.update(summary_extras(student, device))
-    atomic_json(out / "summary.json", summary)
+    write_json(out / "summary.json", json_safe(summary))
     try:
         write_report(out)
     except Exception as exc:  # pragma: no cover - the report reads what exists

@@ -41,8 +41,6 @@ def given(args, keys) -> dict:
 METHOD_FLAGS = {
     "adi": ("adi", bool, "DeepInversion: add ADI's competition term against the student"),
     "temperature": ("temperature", float, "KD temperature of the student loss"),
-    "student_lr": ("student_lr", float, "student learning rate"),
-    "student_optimizer": ("student_optimizer", str, "student optimizer: adam or sgd"),
     "generator_lr": ("generator_lr", float, "generator learning rate (DAFL/ZSKT/DFAD)"),
     "bn_weight": ("bn_weight", float, "weight of the BatchNorm-statistics term (0 drops it)"),
     "iterations": ("iterations", int, "DeepInversion: optimisation steps per synthesized batch"),
@@ -81,6 +79,11 @@ def add_run_arguments(p) -> None:
     p.add_argument("--student-ema", type=float, help="keep a moving average of the student's weights with this decay "
                                                      "(e.g. 0.999) and deliver it (default 0: off)")
     p.add_argument("--samples", type=int, help="synthesized images kept for plots (default 512)")
+    p.add_argument("--student-optimizer", choices=["adam", "sgd"], help="the student's optimizer (default: the method's)")
+    p.add_argument("--student-lr", type=float, help="the student's learning rate (default: the method's)")
+    p.add_argument("--student-weight-decay", type=float, help="the student's weight decay (default: the method's)")
+    p.add_argument("--student-schedule", choices=["cosine", "step", "constant"],
+                   help="the student's learning-rate schedule (default: the method's)")
     p.add_argument("--bn-prior", dest="bn_priors", action="append", metavar="CHECKPOINT",
                    help="deepinversion/fast: another trained model of the same images whose BatchNorm statistics "
                         "the synthesized images must match too (repeatable; e.g. a zoo member of another architecture)")

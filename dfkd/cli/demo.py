@@ -9,8 +9,9 @@ from dfkd.cli.common import add_common, formatter, print_summary, sayer
 
 #: The demo's distillation recipe: configs/fashion-mnist/best.yaml's method, sized for digits.
 DEMO_RECIPE = {"method": "fast", "student": "lenet5_half", "steps": 600, "eval_every": 200,
+               "student_lr": 0.05, "student_weight_decay": 5e-4,
                "options": {"ngf": 8, "synthesis_batch_size": 128, "batch_size": 128, "student_steps_per_round": 10,
-                           "temperature": 1.0, "student_lr": 0.05, "student_weight_decay": 5e-4}}
+                           "temperature": 1.0}}
 #: The demo's teacher.
 DEMO_TEACHER = {"dataset": "digits", "arch": "lenet5_bn", "epochs": 30, "batch_size": 64, "augment": "crop"}
 

@@ -12,10 +12,8 @@ checkpoint), ``synthesizer.pt`` and ``state.pt`` (everything needed to resume).
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,12 +21,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dfkd.core.schedule import learning_rate_factor
 from dfkd.engine.ema import WeightAverage
 from dfkd.engine.evaluation import EvalData, match_rate, per_class_accuracy, predict
-from dfkd.engine.optim import build_student_optimizer
+from dfkd.engine.optim import StudentOptim
 from generators.base import Synthesizer
 from teachers.checkpoint import save_checkpoint
+from teachers.files import atomic_write, torch_save
 
 log = logging.getLogger("dfkd")
 
@@ -37,27 +35,6 @@ STATE_FORMAT = "dfkd-run-state/1"
 
 class DistillationError(RuntimeError):
     """A run that cannot continue (non-finite loss, inconsistent resume state)."""
-
-
-def atomic_json(path: Path, data) -> None:
-    """Write JSON through a temporary file and ``os.replace`` (never a half-written file)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        json.dump(data, handle, indent=2, sort_keys=False)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
-def atomic_torch_save(path: Path, obj) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as handle:
-        torch.save(obj, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
 
 
 @dataclass
@@ -70,6 +47,7 @@ class RunOptions:
     seed: int = 0
     extra_summary: dict = field(default_factory=dict)
     student_ema: float = 0.0  # decay of a moving average of the student's weights (dfkd.engine.ema); 0: off
+    student_optim: StudentOptim | None = None  # None: the method's recipe (Synthesizer.student_recipe)
 
 
 class DistillationRun:
@@ -96,22 +74,23 @@ class DistillationRun:
         self.student_meta = dict(student_meta or {})
         self.teacher_accuracy = teacher_accuracy
         self.device = torch.device(device) if device is not None else synthesizer.device
-        self.optimizer = build_student_optimizer(student, synthesizer.options)
+        self.student_optim = options.student_optim or StudentOptim.resolve(synthesizer.student_recipe, {})
+        self.optimizer = self.student_optim.build(student.parameters())
         self.base_lrs = [group["lr"] for group in self.optimizer.param_groups]
-        self.grad_clip = float(synthesizer.options.get("student_grad_clip", 0.0))
+        self.grad_clip = float(self.student_optim.grad_clip)
         self.step = 0
         self.elapsed = 0.0
         self.metrics: list[dict] = []
         self.synth.attach_student(student)
-        extra = [p for p in getattr(synthesizer, "extra_parameters", lambda: ())() if p.requires_grad]
+        extra = [p for p in synthesizer.extra_parameters() if p.requires_grad]
         if extra:  # parameters the method trains with the student (e.g. feature-amalgamation adapters)
             self.optimizer.add_param_group({"params": extra})
             self.base_lrs.append(self.optimizer.param_groups[-1]["lr"])
-        if "generator_total_steps" in synthesizer.options and not synthesizer.options["generator_total_steps"]:
-            synthesizer.options["generator_total_steps"] = math.ceil(options.steps / synthesizer.student_steps_per_round)
+        synthesizer.plan(options.steps)
         self.ema = WeightAverage(student, options.student_ema) if options.student_ema else None
         self._teacher_predictions = None
         self._last_eval: tuple[int, dict] | None = None  # (step, result) of the latest evaluation
+        self._last_predictions: torch.Tensor | None = None  # the student's, at the latest evaluation
 
     # -- persistence ----------------------------------------------------------------------
     @property
@@ -133,8 +112,8 @@ class DistillationRun:
             state["student_ema"] = self.ema.state_dict()
         if self.device.type == "cuda":
             state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
-        atomic_torch_save(self.state_path, state)
-        atomic_torch_save(self.run_dir / "synthesizer.pt", {"format": "dfkd-synthesizer/1", "method": self.synth.name,
+        torch_save(self.state_path, state)
+        torch_save(self.run_dir / "synthesizer.pt", {"format": "dfkd-synthesizer/1", "method": self.synth.name,
                                                             "state": self.synth.state_dict()})
 
     def load_state(self) -> None:
@@ -174,10 +153,10 @@ class DistillationRun:
         result = {
             "student_accuracy": match_rate(student_pred, data.labels),
             "agreement": match_rate(student_pred, self._teacher_predictions),
-            "_student_predictions": student_pred,
             **raw,
         }
         self._last_eval = (self.step, result)
+        self._last_predictions = student_pred
         return result
 
     def _write_metrics_csv(self) -> None:
@@ -186,17 +165,18 @@ class DistillationRun:
             for key in row:
                 if key not in keys:
                     keys.append(key)
-        tmp = self.run_dir / ".metrics.csv.tmp"
-        with open(tmp, "w", newline="", encoding="utf-8") as handle:
-            writer = csv.DictWriter(handle, fieldnames=keys)
+
+        def write(handle):
+            writer = csv.DictWriter(handle, fieldnames=keys, lineterminator="\n")
             writer.writeheader()
             for row in self.metrics:
                 writer.writerow(row)
-        os.replace(tmp, self.run_dir / "metrics.csv")
+
+        atomic_write(self.run_dir / "metrics.csv", write, mode="w")
 
     # -- the loop -------------------------------------------------------------------------
     def _set_lr(self) -> None:
-        factor = learning_rate_factor(self.synth.options["student_schedule"], self.step, self.opts.steps)
+        factor = self.student_optim.lr_factor(self.step, self.opts.steps)
         for group, base in zip(self.optimizer.param_groups, self.base_lrs):
             group["lr"] = base * factor
 
@@ -218,7 +198,7 @@ class DistillationRun:
         row["images_synthesized"] = self.synth.images_synthesized
         if evaluate:
             result = self.evaluate()
-            row.update({k: v for k, v in result.items() if not k.startswith("_")})
+            row.update(result)
         return row
 
     def run(self) -> dict:
@@ -297,7 +277,7 @@ class DistillationRun:
         ``summary.json`` once its analysis is added)."""
         # the loop evaluated at its last step; reuse that instead of evaluating twice
         final = dict(self._last_eval[1]) if self._last_eval and self._last_eval[0] == self.step else self.evaluate()
-        student_predictions = final.pop("_student_predictions", None)
+        student_predictions = self._last_predictions
         if self.ema is not None:
             self.ema.copy_into()
         if self.metrics:

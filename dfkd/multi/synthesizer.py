@@ -6,16 +6,17 @@ from torch import nn
 
 from dfkd.multi.combine import Combiner, create_combiner
 from dfkd.multi.features import FEATURE_METHODS, AmalgamationError, FeatureAmalgamator
+from generators.base import Synthesizer
 
 
 # ----------------------------------------------------------------------------- the engine's view
-class AmalgamationSynthesizer:
+class AmalgamationSynthesizer(Synthesizer):
     """A synthesizer driven by a :class:`~dfkd.multi.ensemble.TeacherEnsemble`, with the ensemble's
     student loss.
 
-    Everything a synthesizer does (``synthesize``, ``sample``, ``options``, ``name``,
-    ``student_steps_per_round``, ``images_synthesized``, state ...) is delegated to ``inner``
-    (built with the ensemble as its teacher). ``student_losses`` returns, for the student's
+    It is a :class:`~generators.base.Synthesizer` whose synthesis (``synthesize``, ``sample``,
+    ``options``, ``name``, ``student_steps_per_round``, ``images_synthesized``, state ...) is the
+    one of ``inner`` (built with the ensemble as its teacher). ``student_losses`` returns, for the student's
     step on a batch:
 
     - ``student_loss="combiner"`` (default): ``{"kd": T^2 KL(softmax(merged/T) || softmax(s/T))}``
@@ -38,7 +39,14 @@ class AmalgamationSynthesizer:
             raise ValueError(f"student_loss must be 'combiner' or 'method', got {student_loss!r}")
         if features is not None and features not in FEATURE_METHODS:
             raise AmalgamationError(f"unknown feature method {features!r}; known: {', '.join(FEATURE_METHODS)}")
-        self.inner, self.ensemble = inner, ensemble
+        # a Synthesizer whose settings are the inner method's (its options, batch, temperature,
+        # rounds, RNG); only the student's loss and the adapters are this class's own
+        self.inner, self.ensemble, self.teacher = inner, ensemble, ensemble
+        self.bn_prior_models = inner.bn_prior_models
+        self.image_shape, self.num_classes, self.device = inner.image_shape, inner.num_classes, inner.device
+        self.batch_size, self.temperature = inner.batch_size, inner.temperature
+        self.student_steps_per_round = inner.student_steps_per_round
+        self.rng = inner.rng
         self.combiner = combine if isinstance(combine, Combiner) else create_combiner(combine, **dict(combine_options or {}))
         self.combiner.check_mask(ensemble.mask.cpu())
         self.combiner.to(inner.device).train()
@@ -48,12 +56,7 @@ class AmalgamationSynthesizer:
         self.student_loss = student_loss
         self.amalgamator: FeatureAmalgamator | None = None
 
-    # -- delegation ------------------------------------------------------------------------
-    def __getattr__(self, name):
-        if name in ("inner", "__setstate__", "__getstate__"):
-            raise AttributeError(name)
-        return getattr(self.inner, name)
-
+    # -- what the engine reads: the inner method's, kept in step with it ----------------
     @property
     def name(self) -> str:
         return self.inner.name
@@ -63,8 +66,8 @@ class AmalgamationSynthesizer:
         return self.inner.options
 
     @property
-    def student_steps_per_round(self) -> int:
-        return self.inner.student_steps_per_round
+    def student_recipe(self) -> dict:
+        return self.inner.student_recipe
 
     @property
     def images_synthesized(self) -> int:
@@ -74,13 +77,8 @@ class AmalgamationSynthesizer:
     def images_synthesized(self, value: int) -> None:
         self.inner.images_synthesized = value
 
-    @property
-    def num_classes(self) -> int:
-        return self.inner.num_classes
-
-    @property
-    def device(self) -> torch.device:
-        return self.inner.device
+    def plan(self, total_student_steps: int) -> None:
+        self.inner.plan(total_student_steps)
 
     def synthesize(self, student):
         return self.inner.synthesize(student)
