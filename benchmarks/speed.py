@@ -23,10 +23,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from dfkd.config import load_yaml  # noqa: E402
-from dfkd.core.device import resolve_device  # noqa: E402
 from dfkd.engine.optim import StudentOptim  # noqa: E402
 from generators import create_synthesizer  # noqa: E402
 from teachers import build_model, freeze, load_checkpoint  # noqa: E402
+from teachers.device import resolve_device  # noqa: E402
 
 RECIPES = {
     "dafl": "bench-dafl.yaml",

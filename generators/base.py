@@ -26,6 +26,7 @@ from dfkd.core.bn import BNStatisticsHook
 from dfkd.core.losses import kd_loss
 from dfkd.core.options import check_type
 from generators.priors import BNPriors
+from teachers.device import autocast
 from teachers.registry import Registry
 
 #: run settings that are not method options (the engine owns the student's optimiser)
@@ -323,10 +324,8 @@ class Synthesizer:
 
     # -- helpers ---------------------------------------------------------------------------
     def autocast(self):
-        """bf16 autocast on CUDA, nothing elsewhere."""
-        if self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        """The package's precision policy on this synthesizer's device (:func:`teachers.device.autocast`)."""
+        return autocast(self.device)
 
     def build_bn_priors(self, momentum: float = 0.0, first_layer_weight: float = 1.0) -> BNPriors:
         """The hooks of this run's ``bn_priors`` (:class:`generators.priors.BNPriors`), with

@@ -17,6 +17,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from teachers.device import autocast, batched_logits, resolve_device
+
 __all__ = ["default_recipe", "train_classifier", "evaluate_classifier", "random_crop_flip", "resolve_device"]
 
 _OPTIMIZERS = {
@@ -37,17 +39,6 @@ def default_recipe(arch: str | None) -> dict:
     name = (arch or "").lower()
     key = "adam" if name.startswith(("lenet", "mlp")) else "sgd"
     return dict(_OPTIMIZERS[key])
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``"auto"`` -> CUDA, then MPS, then CPU; anything else -> ``torch.device(device)``."""
-    if device is None or str(device) == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    return torch.device(device)
 
 
 def random_crop_flip(
@@ -79,10 +70,6 @@ def _model_device(model: nn.Module) -> torch.device:
     return p.device if p is not None else torch.device("cpu")
 
 
-def _autocast(device: torch.device):
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-
-
 @torch.no_grad()
 def evaluate_classifier(
     model: nn.Module,
@@ -102,23 +89,11 @@ def evaluate_classifier(
     """
     dev = _model_device(model) if device is None else resolve_device(device)
     model.to(dev)
-    was_training = model.training
-    model.eval()
-    preds, k = [], None
-    try:
-        for i in range(0, len(x), batch_size):
-            xb = x[i : i + batch_size].to(dev, non_blocking=True)
-            if dev.type == "cuda":
-                xb = xb.contiguous(memory_format=torch.channels_last)
-            with _autocast(dev):
-                logits = model(xb)
-            k = logits.shape[1]
-            preds.append(logits.argmax(1))
-    finally:
-        model.train(was_training)
-    if k is None:
+    if len(x) == 0:
         raise ValueError("evaluate_classifier needs at least one example")
-    pred = torch.cat(preds).cpu()
+    logits = batched_logits(model, x, dev, batch_size)
+    k = logits.shape[1]
+    pred = logits.argmax(1)
     y = y.detach().cpu().long()
     if y.numel() and (int(y.min()) < 0 or int(y.max()) >= k):
         raise ValueError(f"labels must lie in 0..{k - 1} (the model has {k} outputs), got {int(y.min())}..{int(y.max())}")
@@ -249,7 +224,7 @@ def train_classifier(
             if augment != "none":
                 xb = random_crop_flip(xb, offsets[sl], None if flips is None else flips[sl], pad=_PAD)
             xb = xb.contiguous(memory_format=torch.channels_last) if cuda else xb.contiguous()
-            with _autocast(dev):
+            with autocast(dev):
                 logits = model(xb)
             loss = F.cross_entropy(logits.float(), yb)
             opt.zero_grad(set_to_none=True)

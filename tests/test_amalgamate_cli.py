@@ -110,7 +110,6 @@ def test_amalgamate_real_images_gives_a_ten_class_student(digits_zoo, tmp_path):
 @pytest.mark.slow
 def test_data_free_amalgamation_with_deepinversion_beats_chance(digits_zoo, tmp_path):
     """DeepInversion driven by the ensemble (BN statistics of both teachers), UHC student loss."""
-    from dfkd.core.device import seed_everything
     from dfkd.data import load_dataset
     from dfkd.engine.evaluation import EvalData
     from dfkd.engine.run import DistillationRun, RunOptions
@@ -118,6 +117,7 @@ def test_data_free_amalgamation_with_deepinversion_beats_chance(digits_zoo, tmp_
     from dfkd.multi.synthesizer import AmalgamationSynthesizer
     from generators import create_synthesizer
     from teachers import build_model, freeze
+    from teachers.device import seed_everything
 
     seed_everything(0)
     ensemble = freeze(TeacherEnsemble.from_zoo(digits_zoo, combine="uhc"))

@@ -54,7 +54,7 @@ def amalgamate(config: AmalgamateConfig | dict | None = None, *, resume: bool | 
                progress: bool = True, command: str | None = None, say=lambda text: None, **fields) -> RunResult:
     """Amalgamate the zoo ``config.zoo`` into ``config.student``; see the module docstring.
     Arguments as for :func:`dfkd.distill`."""
-    from dfkd.core.device import resolve_device
+    from teachers.device import resolve_device
 
     if resume:
         config, has_state = resume_config(resume, AmalgamateConfig)

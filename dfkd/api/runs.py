@@ -19,7 +19,6 @@ import torch
 from torch import nn
 
 from dfkd.api.config import RunConfig
-from dfkd.core.device import resolve_device, seed_everything
 from dfkd.data import load_dataset
 from dfkd.engine.evaluation import EvalData
 from dfkd.engine.optim import StudentOptim
@@ -28,6 +27,7 @@ from dfkd.reporting.analysis import analyze_run
 from dfkd.reporting.report import write_report
 from generators import synthesizer_class
 from teachers import build_model, freeze, load_checkpoint
+from teachers.device import resolve_device, seed_everything
 from teachers.files import write_json, write_yaml
 
 log = logging.getLogger("dfkd")

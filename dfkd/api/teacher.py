@@ -8,9 +8,9 @@ from pathlib import Path
 
 from dfkd.api.config import TeacherConfig
 from dfkd.api.runs import RunError
-from dfkd.core.device import resolve_device, seed_everything
 from dfkd.data import DatasetInfo, load_dataset, parse_classes
 from teachers import build_model, save_checkpoint, train_classifier
+from teachers.device import resolve_device, seed_everything
 
 
 @dataclass

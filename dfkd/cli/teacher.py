@@ -62,9 +62,9 @@ def run_train_teacher(args) -> int:
 
 
 def run_evaluate(args) -> int:
-    from dfkd.core.device import resolve_device
     from dfkd.data import load_dataset
     from teachers import evaluate_classifier, load_checkpoint
+    from teachers.device import resolve_device
 
     model, meta = load_checkpoint(args.model)
     device = resolve_device(args.device)

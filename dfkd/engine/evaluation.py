@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from dfkd.core.device import autocast
+from teachers.device import batched_logits
 
 
 @dataclass
@@ -18,17 +18,10 @@ class EvalData:
     name: str = "test"
 
 
-@torch.no_grad()
 def predict(model: nn.Module, images: torch.Tensor, device, batch_size: int = 1000) -> torch.Tensor:
-    was_training = model.training
-    model.eval()
-    out = []
-    for start in range(0, images.shape[0], batch_size):
-        x = images[start : start + batch_size].to(device, non_blocking=True)
-        with autocast(device):
-            out.append(model(x).float().argmax(1).cpu())
-    model.train(was_training)
-    return torch.cat(out) if out else torch.empty(0, dtype=torch.long)
+    """Arg-max predictions of ``model`` on ``images`` (CPU), through :func:`teachers.device.batched_logits`."""
+    logits = batched_logits(model, images, device, batch_size)
+    return logits.argmax(1) if logits.numel() else torch.empty(0, dtype=torch.long)
 
 
 def match_rate(predictions: torch.Tensor, targets: torch.Tensor) -> float:

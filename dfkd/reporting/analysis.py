@@ -14,6 +14,7 @@ from torch import nn
 from dfkd.core.taps import penultimate_tap
 from dfkd.reporting import plots
 from dfkd.reporting.quality import sample_quality, sure_teacher_agreement
+from teachers.device import batched_logits
 
 #: At most this many images of each set (synthetic, real) go through the teacher.
 MAX_IMAGES = 2000
@@ -41,11 +42,9 @@ def teacher_outputs(teacher: nn.Module, tap, images: torch.Tensor, device) -> tu
     return torch.cat(logits), torch.cat(features)
 
 
-@torch.no_grad()
 def model_logits(model: nn.Module, images: torch.Tensor, device) -> torch.Tensor:
     """Logits of ``model`` on ``images`` in batches, float32 on the CPU."""
-    out = [model(images[s : s + BATCH_SIZE].to(device).float()).float().cpu() for s in range(0, images.shape[0], BATCH_SIZE)]
-    return torch.cat(out) if out else torch.zeros(0, 0)
+    return batched_logits(model, images, device, BATCH_SIZE)
 
 
 def predict_labels(model: nn.Module, images: torch.Tensor, device) -> torch.Tensor:
