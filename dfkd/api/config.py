@@ -8,10 +8,24 @@ are the method's (``generators``), merged key by key.
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
 from dfkd.config import merge_config
+
+
+def _plain_paths(layer: dict | None) -> dict | None:
+    """A layer with path objects as strings (configs are written as YAML)."""
+    if not layer:
+        return layer
+    def plain(value):
+        if isinstance(value, os.PathLike):
+            return os.fspath(value)
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        return value
+    return {key: plain(value) for key, value in layer.items()}
 
 
 class _Layered:
@@ -32,7 +46,7 @@ class _Layered:
     def from_layers(cls, *layers: dict | None):
         """Merge mappings over the defaults (unknown keys and wrong types are a
         :class:`dfkd.config.ConfigError` naming the key)."""
-        return cls(**merge_config(cls.defaults(), *layers))
+        return cls(**merge_config(cls.defaults(), *(_plain_paths(layer) for layer in layers)))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
