@@ -11,7 +11,7 @@ Format ``dfkd-checkpoint/1``::
 
 Files are always read with ``torch.load(..., weights_only=True)``: a file that would need
 arbitrary unpickling is refused, never executed. Reading also refuses NaN/inf weights and an
-``arch_kwargs["num_classes"]`` that differs from ``len(meta["classes"])``.
+``arch_kwargs["num_classes"]`` that differs from ``len(meta["classes"])``; writing refuses both too.
 """
 from __future__ import annotations
 
@@ -239,7 +239,8 @@ def save_checkpoint(path: str | os.PathLike, model: NormalizedModel, meta: Mappi
 
     ``meta`` must hold :data:`REQUIRED_META`; ``created`` (ISO time, UTC) is added if absent.
     Values must be plain (str/int/float/bool/None/list/dict/tensor; numpy values and paths
-    are converted). Raises :class:`CheckpointError` otherwise.
+    are converted). Raises :class:`CheckpointError` otherwise, and for NaN/inf weights
+    (nothing is written then).
     """
     if not isinstance(model, NormalizedModel) or not model.arch:
         raise CheckpointError("save_checkpoint needs a NormalizedModel made by build_model (it records arch)")
@@ -256,11 +257,18 @@ def save_checkpoint(path: str | os.PathLike, model: NormalizedModel, meta: Mappi
             raise CheckpointError(
                 f"{path}: meta {key} {meta[key]} differs from the model's normalisation {buf.tolist()}"
             )
+    state_dict = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+    bad = [k for k, v in state_dict.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:  # load would refuse it: never write it
+        raise CheckpointError(
+            f"refusing to save {path}: tensor {bad[0]!r} holds NaN/inf ({len(bad)} tensor(s) affected); the model "
+            "diverged: lower the learning rate or restore a good checkpoint (nothing was written)"
+        )
     payload = {
         "format": CHECKPOINT_FORMAT,
         "arch": model.arch,
         "arch_kwargs": _plain(model.arch_kwargs, "arch_kwargs"),
-        "state_dict": {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()},
+        "state_dict": state_dict,
         "meta": meta,
     }
     return torch_save(path, payload)

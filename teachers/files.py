@@ -25,6 +25,8 @@ import yaml
 
 __all__ = [
     "FileWriteError",
+    "write_error",
+    "make_dirs",
     "YAMLFileError",
     "YAMLBombError",
     "MAX_ALIAS_NODES",
@@ -88,6 +90,29 @@ def _write_error(path: Path, exc: OSError) -> FileWriteError:
         what = exc.strerror or str(exc) or type(exc).__name__
         cause = f"{what.rstrip('.').lower()}; check the disk and the path, then retry"
     return FileWriteError(f"cannot write {path}: {cause} (nothing was changed)", path, exc.errno)
+
+
+def write_error(path: str | os.PathLike, exc: BaseException) -> FileWriteError | None:
+    """The one-line :class:`FileWriteError` for ``exc`` raised while writing ``path`` (an
+    OSError, or an exception a writer raised from a disk-level OSError), or None when
+    ``exc`` is not about the file system. A FileWriteError is returned as it is."""
+    if isinstance(exc, FileWriteError):
+        return exc
+    os_error = _os_error_in(exc)
+    return None if os_error is None else _write_error(Path(path), os_error)
+
+
+def make_dirs(path: str | os.PathLike) -> Path:
+    """``mkdir -p path``; a path component that is a file, a read-only or full disk is a
+    one-line :class:`FileWriteError` naming ``path``. Returns ``path``."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:  # path or one of its parents is a file
+        raise _write_error(path, NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(path))) from None
+    except OSError as exc:
+        raise _write_error(path, exc) from None
+    return path
 
 
 def _os_error_in(exc: BaseException) -> OSError | None:

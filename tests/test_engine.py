@@ -132,11 +132,102 @@ def test_non_finite_loss_stops_with_term_and_step_and_keeps_last_good_state(tmp_
         return losses, s, t
 
     run.synth.student_losses = poisoned
-    with pytest.raises(DistillationError, match=r"'kd'.*steps 3 and 6"):
+    with pytest.raises(DistillationError, match=r"non-finite at step 5 \(loss term 'kd'\).*last good state \(step 3\)"):
         run.run()
     state = torch.load(tmp_path / "nan" / "state.pt", weights_only=True)
     assert state["step"] == 3
     assert all(torch.isfinite(v).all() for v in state["student"].values() if v.is_floating_point())
+
+
+def test_non_finite_step_between_logs_is_never_saved(tmp_path):
+    """A NaN at step 3 with a log every 5 steps and a checkpoint every 2: the checkpoint of
+    step 4 is refused (the guard is read before every save), state.pt stays at step 2."""
+    run = make_run(tmp_path / "nan", steps=12, checkpoint_every=2)
+    run.opts.log_every, run.opts.eval_every = 5, 0
+    original = run.synth.student_losses
+
+    def poisoned(student, batch):
+        losses, s, t = original(student, batch)
+        if run.step == 2:  # only the third step is bad
+            losses["kd"] = losses["kd"] * float("inf")
+        return losses, s, t
+
+    run.synth.student_losses = poisoned
+    syncs = []
+    check = run.check_finite
+    run.check_finite = lambda **kw: (syncs.append(run.step), check(**kw))[1]
+    with pytest.raises(DistillationError, match=r"non-finite at step 3 .*last good state \(step 2\)"):
+        run.run()
+    assert syncs == [2, 4]  # read at checkpoints (and log steps) only, not every step
+    state = torch.load(tmp_path / "nan" / "state.pt", weights_only=True)
+    assert state["step"] == 2
+    assert all(torch.isfinite(v).all() for v in state["student"].values() if v.is_floating_point())
+    assert not (tmp_path / "nan" / "student.pt").exists()
+
+
+def test_non_finite_weights_are_not_saved_even_with_finite_losses(tmp_path):
+    run = make_run(tmp_path / "w", steps=4, checkpoint_every=2)
+    run.opts.log_every, run.opts.eval_every = 0, 0
+    step = run.optimizer.step
+
+    def diverging(*args, **kwargs):
+        out = step(*args, **kwargs)
+        if run.step == 3:  # the fourth step's update diverges; its loss was finite
+            with torch.no_grad():
+                next(run.student.parameters()).fill_(float("nan"))
+        return out
+
+    run.optimizer.step = diverging
+    with pytest.raises(DistillationError, match="weights became non-finite"):
+        run.run()
+    assert torch.load(tmp_path / "w" / "state.pt", weights_only=True)["step"] == 2
+
+
+def test_state_is_saved_by_time_by_default(tmp_path, monkeypatch):
+    import dfkd.engine.run as engine
+
+    clock = {"t": 0.0}
+
+    def monotonic():
+        clock["t"] += 100.0  # every call 100 s later: a save is due every 3 round ends
+        return clock["t"]
+
+    monkeypatch.setattr(engine.time, "monotonic", monotonic)
+    run = make_run(tmp_path / "t", steps=12, checkpoint_every=0)
+    assert run.opts.checkpoint_seconds == 300
+    saved = []
+    save = run.save_state
+    run.save_state = lambda: (saved.append(run.step), save())[1]
+    run.run()
+    assert saved[-1] == 12 and len(saved) >= 3 and saved[0] < 12
+
+
+def test_ctrl_c_saves_at_the_round_end_and_resumes_to_the_same_student(tmp_path):
+    import os
+    import signal
+
+    from dfkd.engine.run import RunInterrupted
+
+    full = make_run(tmp_path / "full", checkpoint_every=0)
+    full.run()
+    run = make_run(tmp_path / "int", checkpoint_every=0)
+    original = run.synth.sample
+
+    def interrupted():
+        if run.step == 5:
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C in the middle of step 6
+        return original()
+
+    run.synth.sample = interrupted
+    with pytest.raises(RunInterrupted) as info:
+        run.run()
+    assert info.value.saved_step == 6 and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    resumed = make_run(tmp_path / "int", checkpoint_every=0)
+    resumed.load_state()
+    assert resumed.step == 6
+    resumed.run()
+    for a, b in zip(full.student.state_dict().values(), resumed.student.state_dict().values()):
+        assert torch.equal(a, b)
 
 
 def test_learning_rate_schedules():

@@ -6,14 +6,28 @@ the schedule. Loss terms are accumulated on the device and only read back at log
 intervals (no host synchronisation in the inner loop). Evaluation on the real test split
 is for reporting only; the number reported is the final one.
 
-The run directory holds ``metrics.csv``, ``summary.json``, ``student.pt`` (a zoo
-checkpoint), ``synthesizer.pt`` and ``state.pt`` (everything needed to resume).
+Non-finite guard: whether every step's total loss (and every synthesis round's terms) was
+finite is accumulated in a device tensor and read (one sync) at logging steps, before every
+save and at the end, together with the student's weights before a save; a non-finite step
+stops the run with :class:`DistillationError` and nothing from it is saved.
+
+State is saved at round ends, every ``checkpoint_seconds`` (default 300) and/or every
+``checkpoint_every`` steps, at the last step, and on Ctrl-C: the first SIGINT lets the
+current round finish, saves it and raises :class:`RunInterrupted`; a second one stops at once
+(the last saved state is kept).
+
+The run directory holds ``metrics.csv``, ``student.pt`` (a zoo checkpoint),
+``synthesizer.pt`` and ``state.pt`` (everything needed to resume, and the resolved config);
+:mod:`dfkd.engine.rundir` states what it guarantees.
 """
 from __future__ import annotations
 
 import csv
 import logging
 import math
+import signal
+import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +38,7 @@ from torch import nn
 from dfkd.engine.ema import WeightAverage
 from dfkd.engine.evaluation import EvalData, match_rate, per_class_accuracy, predict
 from dfkd.engine.optim import StudentOptim
+from dfkd.engine.rundir import config_changes
 from generators.base import Synthesizer
 from teachers.checkpoint import save_checkpoint
 from teachers.files import atomic_write, torch_save
@@ -37,12 +52,27 @@ class DistillationError(RuntimeError):
     """A run that cannot continue (non-finite loss, inconsistent resume state)."""
 
 
+class ResumeError(ValueError):
+    """A resume that would not continue the saved run (its config was edited)."""
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped the run; ``saved_step`` is the step of the state on disk (None: none)."""
+
+    def __init__(self, run_dir, saved_step: int | None):
+        super().__init__(f"interrupted; resume with --resume {run_dir}")
+        self.run_dir = Path(run_dir)
+        self.saved_step = saved_step
+
+
 @dataclass
 class RunOptions:
     steps: int
     eval_every: int = 0  # 0: only at the end
     log_every: int = 50
-    checkpoint_every: int = 0  # 0: only at the end (in student steps, rounded to rounds)
+    checkpoint_every: int = 0  # 0: by time only (in student steps, rounded to rounds)
+    checkpoint_seconds: float = 300.0  # save at the first round end this long after the last save; 0: off
+    config: dict | None = None  # the resolved run config, saved in state.pt and compared on resume
     progress: bool = True
     seed: int = 0
     extra_summary: dict = field(default_factory=dict)
@@ -91,6 +121,9 @@ class DistillationRun:
         self._teacher_predictions = None
         self._last_eval: tuple[int, dict] | None = None  # (step, result) of the latest evaluation
         self._last_predictions: torch.Tensor | None = None  # the student's, at the latest evaluation
+        self.saved_step: int | None = None  # the step of the state on disk
+        self._interrupt_requested = False
+        self._reset_guard()
 
     # -- persistence ----------------------------------------------------------------------
     @property
@@ -98,8 +131,10 @@ class DistillationRun:
         return self.run_dir / "state.pt"
 
     def save_state(self) -> None:
+        """Write ``state.pt`` and ``synthesizer.pt`` (after :meth:`check_finite`, when run by the loop)."""
         state = {
             "format": STATE_FORMAT,
+            "config": self.opts.config,
             "step": self.step,
             "elapsed": self.elapsed,
             "student": self.student.state_dict(),
@@ -115,17 +150,30 @@ class DistillationRun:
         torch_save(self.state_path, state)
         torch_save(self.run_dir / "synthesizer.pt", {"format": "dfkd-synthesizer/1", "method": self.synth.name,
                                                             "state": self.synth.state_dict()})
+        self.saved_step = self.step
 
-    def load_state(self) -> None:
+    def load_state(self, config: dict | None = None) -> None:
+        """Continue from ``state.pt``. With ``config`` (the resolved config of ``config.yaml``),
+        refuse (:class:`ResumeError`) a config that differs from the one the state was saved
+        with, except in :data:`dfkd.engine.rundir.RESUME_FREE_KEYS`."""
         try:
             state = torch.load(self.state_path, map_location=self.device, weights_only=True)
         except Exception as exc:  # corrupt or foreign file
-            raise DistillationError(f"cannot resume from {self.state_path}: {exc}") from None
+            detail = " ".join(str(exc).split())[:200]
+            raise DistillationError(f"cannot resume from {self.state_path}: it is truncated or not a run state "
+                                    f"({type(exc).__name__}: {detail})") from None
         if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
             raise DistillationError(f"{self.state_path} is not a dfkd run state (format {STATE_FORMAT})")
-        self.student.load_state_dict(state["student"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.synth.load_state_dict(state["synthesizer"])
+        if config is not None and isinstance(state.get("config"), dict):
+            self._check_same_config(state["config"], config, int(state["step"]))
+        try:
+            self.student.load_state_dict(state["student"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.synth.load_state_dict(state["synthesizer"])
+        except (RuntimeError, KeyError, ValueError, TypeError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise DistillationError(f"cannot resume from {self.state_path}: the saved state does not fit this run's "
+                                    f"student, optimiser or method ({first[:200]}); was config.yaml edited?") from None
         torch.set_rng_state(state["torch_rng"].cpu())
         if "cuda_rng" in state and self.device.type == "cuda":
             torch.cuda.set_rng_state(state["cuda_rng"].cpu(), self.device)
@@ -136,6 +184,70 @@ class DistillationRun:
             if "student_ema" not in state:
                 raise DistillationError(f"{self.state_path} was written without student_ema; resume with the run's own config")
             self.ema.load_state_dict(state["student_ema"])
+        self.saved_step = self.step
+        self._reset_guard()
+
+    def _check_same_config(self, saved: dict, current: dict, saved_step: int) -> None:
+        changes = config_changes(saved, current)
+        if not changes:
+            return
+        listed = ", ".join(f"{key} {old!r} -> {new!r}" for key, old, new in changes)
+        where = self.run_dir / "config.yaml"
+        if [key for key, _, _ in changes] == ["steps"] and isinstance(changes[0][2], int) \
+                and changes[0][2] > changes[0][1]:
+            new = changes[0][2]
+            raise ResumeError(
+                f"{where} asks for steps {new} but the run was saved with steps {changes[0][1]} (at step {saved_step}): "
+                "extending a run is not supported, because its learning-rate schedule and the synthesizer's plan span "
+                f"the saved steps, so the student would differ from a run of {new} steps; restore steps: "
+                f"{changes[0][1]} to resume, or start a new run with --config {where} steps={new} --out NEW_DIR")
+        raise ResumeError(
+            f"{where} differs from the config the run was saved with ({listed}); a resumed run must continue the "
+            "same run: undo the edit to resume, or start a new run with --overwrite or another --out")
+
+    # -- the non-finite guard -----------------------------------------------------------
+    def _reset_guard(self) -> None:
+        """Start accumulating, on the device, whether every step since now was finite."""
+        self._all_finite = torch.ones((), dtype=torch.bool, device=self.device)
+        self._finite_steps = torch.zeros((), dtype=torch.long, device=self.device)  # steps before the first bad one
+        self._guard_from = self.step
+
+    def _guard(self, total: torch.Tensor, gen_terms: dict | None) -> None:
+        """Fold this step's finiteness into the guard (device ops only, no sync)."""
+        ok = torch.isfinite(total.detach()).to(self._all_finite.device)
+        for value in (gen_terms or {}).values():
+            if isinstance(value, torch.Tensor):
+                ok = ok & torch.isfinite(value.detach()).all().to(ok.device)
+        self._all_finite.logical_and_(ok)
+        self._finite_steps.add_(self._all_finite)
+
+    def _weights_finite(self) -> torch.Tensor:
+        flags = [torch.isfinite(p.detach()).all() for p in self.student.parameters() if p.is_floating_point()]
+        flags = [f.to(self._all_finite.device) for f in flags]
+        return torch.stack(flags).all() if flags else torch.ones((), dtype=torch.bool, device=self._all_finite.device)
+
+    def check_finite(self, weights: bool = False, terms: dict | None = None) -> None:
+        """Raise :class:`DistillationError` if a step since the last check (or the student's
+        weights, with ``weights``) was non-finite: one host synchronisation."""
+        parts = [self._all_finite.long(), self._finite_steps, self._weights_finite().long() if weights
+                 else torch.ones((), dtype=torch.long, device=self._all_finite.device)]
+        all_finite, finite_steps, weights_ok = torch.stack(parts).tolist()
+        if all_finite and weights_ok:
+            return
+        kept = (f"the last good state (step {self.saved_step}) is kept in {self.run_dir}" if self.saved_step
+                else f"no state was saved in {self.run_dir}")
+        if not all_finite:
+            bad = self._guard_from + finite_steps + 1
+            names = []
+            for key, value in (terms or {}).items():
+                if isinstance(value, torch.Tensor) and not bool(torch.isfinite(value).all()):
+                    names.append(key)
+            which = f" (loss term{'s' if len(names) > 1 else ''} {', '.join(repr(n) for n in names)})" if names else ""
+            what = f"the loss became non-finite at step {bad}{which}"
+        else:
+            what = f"the student's weights became non-finite by step {self.step}"
+        raise DistillationError(f"{what}; the run was stopped and nothing from that step on was saved; {kept}; "
+                                "lower the learning rate (--student-lr) or check the teacher")
 
     # -- evaluation -----------------------------------------------------------------------
     def evaluate(self) -> dict:
@@ -185,13 +297,16 @@ class DistillationRun:
         values = {k: (v / count) for k, v in sums.items()} if count else {}
         if gen_count:
             values.update({k: (v / gen_count) for k, v in gen_sums.items()})
+        values = {k: (v.float() if isinstance(v, torch.Tensor) else torch.tensor(float(v), device=self.device))
+                  for k, v in values.items()}
         if values:
             stacked = torch.stack(list(values.values())).cpu().tolist()  # one sync per log interval
             for key, value in zip(values, stacked):
-                if not math.isfinite(value):
+                if not math.isfinite(value):  # the guard has checked the total; a term may still overflow alone
                     raise DistillationError(
-                        f"loss term {key!r} became non-finite ({value}) between steps "
-                        f"{max(0, self.step - count)} and {self.step}; the last good state is kept in {self.run_dir}"
+                        f"loss term {key!r} became non-finite ({value}) between steps {max(0, self.step - count)} and "
+                        f"{self.step}; nothing from those steps was saved; the last good state "
+                        f"{'(step %d) is kept in %s' % (self.saved_step, self.run_dir) if self.saved_step else 'was never saved'}"
                     )
                 row[key] = round(value, 6)
         row["lr"] = self.optimizer.param_groups[0]["lr"]
@@ -201,11 +316,27 @@ class DistillationRun:
             row.update(result)
         return row
 
+    def _on_sigint(self, signum, frame) -> None:
+        if self._interrupt_requested:  # a second Ctrl-C: stop now, keeping the last saved state
+            raise KeyboardInterrupt
+        self._interrupt_requested = True
+        print("\ninterrupt: saving at the end of this round (Ctrl-C again to stop at once, without saving)",
+              file=sys.stderr, flush=True)
+
+    def _defer_sigint(self):
+        """Let the first Ctrl-C end the run at the next round end (the previous handler, or None)."""
+        if threading.current_thread() is not threading.main_thread():
+            return None
+        previous = signal.getsignal(signal.SIGINT)
+        if previous is not signal.default_int_handler:  # someone else handles Ctrl-C: leave it to them
+            return None
+        signal.signal(signal.SIGINT, self._on_sigint)
+        return previous
+
     def run(self) -> dict:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         opts = self.opts
         steps_per_round = self.synth.student_steps_per_round
-        checkpoint_every = opts.checkpoint_every or opts.steps
         self.student.train()
         self.teacher.eval()
         sums: dict[str, torch.Tensor] = {}  # student loss terms since the last log
@@ -218,10 +349,13 @@ class DistillationRun:
 
             progress = tqdm(total=opts.steps, initial=self.step, desc=f"distill[{self.synth.name}]", unit="step", dynamic_ncols=True)
         last_accuracy = None
-        last_saved = self.step
+        last_saved, last_saved_time = self.step, time.monotonic()
         started = time.perf_counter() - self.elapsed
+        self._interrupt_requested = False
+        previous_handler = self._defer_sigint()
         try:
             while self.step < opts.steps:
+                gen_terms = None
                 if self.step % steps_per_round == 0:
                     gen_terms = self.synth.synthesize(self.student)
                     for key, value in gen_terms.items():
@@ -231,6 +365,7 @@ class DistillationRun:
                 batch = self.synth.sample()
                 losses, _, _ = self.synth.student_losses(self.student, batch)
                 total = sum(losses.values())
+                self._guard(total, gen_terms)  # device ops only
                 self.optimizer.zero_grad(set_to_none=True)
                 total.backward()
                 if self.grad_clip > 0:  # one fused norm, no host sync
@@ -248,6 +383,7 @@ class DistillationRun:
                 do_eval = at_end or (opts.eval_every and self.step % opts.eval_every == 0)
                 do_log = do_eval or (opts.log_every and self.step % opts.log_every == 0)
                 if do_log:
+                    self.check_finite(terms={**sums, **gen_sums})  # one sync, before anything is written
                     self.elapsed = time.perf_counter() - started
                     row = self._record(sums, count, gen_sums, gen_count, evaluate=bool(do_eval))
                     sums, count, gen_sums, gen_count = {}, 0, {}, 0
@@ -262,11 +398,26 @@ class DistillationRun:
                         progress.set_postfix({k: f"{v:.4g}" for k, v in shown.items()})
                     log.info("step %d %s", self.step, {k: v for k, v in row.items() if k != "step"})
                 at_round_end = self.step % steps_per_round == 0 or at_end
-                if at_round_end and (at_end or self.step - last_saved >= checkpoint_every):
-                    last_saved = self.step
+                if not at_round_end:
+                    continue
+                due = (at_end or self._interrupt_requested
+                       or (opts.checkpoint_every and self.step - last_saved >= opts.checkpoint_every)
+                       or (opts.checkpoint_seconds and time.monotonic() - last_saved_time >= opts.checkpoint_seconds))
+                if due:
                     self.elapsed = time.perf_counter() - started
-                    self.save_state()
+                    if self.step != self.saved_step:
+                        self.check_finite(weights=True, terms={**sums, **gen_sums})
+                        self.save_state()
+                    last_saved, last_saved_time = self.step, time.monotonic()
+                if self._interrupt_requested:
+                    raise RunInterrupted(self.run_dir, self.saved_step)
+        except KeyboardInterrupt as exc:  # Ctrl-C twice, or raised by code: the state on disk is the last saved
+            if isinstance(exc, RunInterrupted):
+                raise
+            raise RunInterrupted(self.run_dir, self.saved_step) from None
         finally:
+            if previous_handler is not None:
+                signal.signal(signal.SIGINT, previous_handler)
             if progress is not None:
                 progress.close()
         self.elapsed = time.perf_counter() - started
@@ -280,6 +431,7 @@ class DistillationRun:
         student_predictions = self._last_predictions
         if self.ema is not None:
             self.ema.copy_into()
+        self.check_finite(weights=True)
         if self.metrics:
             self._write_metrics_csv()
         meta = dict(self.student_meta)

@@ -2,26 +2,40 @@
 
 Files, in the order a run writes them (each one atomically, by :mod:`teachers.files`)::
 
-    config.yaml      the resolved config, written before any work
-    state.pt         everything needed to resume, rewritten every checkpoint_every steps
-    synthesizer.pt   the synthesizer's state, written with state.pt
+    config.yaml      the resolved config, written before the first step
+    state.pt         everything needed to resume (also the resolved config), rewritten at
+                     round ends every checkpoint_seconds (default 300) and/or every
+                     checkpoint_every steps, at the last step, and on Ctrl-C
+    synthesizer.pt   the synthesizer's state, written with state.pt (state.pt is the one resumed from)
     metrics.csv      the evaluations so far, rewritten at each evaluation
     student.pt       the final student (a teachers checkpoint), once training ends
-    summary.json     the final numbers, right after student.pt (rewritten with the analysis)
-    samples.pt       synthetic samples for the analysis
+    samples.pt       synthetic samples for the analysis, then the plots (*.png)
+    summary.json     the final numbers, once the analysis is done
     report.md        written last: its presence means the run finished
 
-After a crash or kill at any point every file present is complete (an old version or the
-new one, never half of one); a killed writer may leave a ``.<name>.XXXXXXXX.tmp`` file,
-which :class:`RunLock` clears when it takes the directory. :func:`run_status` tells the
-state from the files alone:
+Guarantees, whatever kills the process (kill -9, Ctrl-C, a full disk, a power cut once the
+file system has synced):
+
+- every file present is complete: the old version or the new one, never half of one; a
+  killed writer may leave a hidden ``.<name>.XXXXXXXX.tmp`` file, which :class:`RunLock`
+  deletes when the next process takes the directory;
+- no file comes from another run: one process at a time holds a directory (:class:`RunLock`),
+  a new run refuses a directory that holds a run (unless ``--overwrite``, which first deletes
+  :data:`OWNED_FILES`), and ``--resume`` refuses a ``config.yaml`` that differs from the config
+  saved in ``state.pt`` (:func:`config_changes`);
+- nothing is saved from a non-finite step: the engine checks the losses and the weights
+  before every save;
+- ``--resume DIR`` completes whatever is missing, ending with the student an uninterrupted
+  run gives (bit-identical on the same machine where the method is deterministic).
+
+:func:`run_status` tells the state from the files alone:
 
     missing   no directory
     empty     a directory without config.yaml (other files are ignored)
-    started   config.yaml, no state.pt: nothing to resume, start again
-    training  state.pt but no finished student (student.pt + summary.json): resume
-    trained   student.pt and summary.json, no report.md: the analysis/report is incomplete
-    finished  report.md exists
+    started   config.yaml, no state.pt: nothing to resume; --resume restarts from config.yaml
+    training  state.pt but no finished student (student.pt + summary.json): --resume continues
+    trained   student.pt and summary.json, no report.md: --resume redoes the analysis and report
+    finished  report.md exists; --resume refuses
 
 :class:`RunLock` keeps two dfkd processes out of one directory; the OS drops the lock when
 its holder dies, however it dies. Imports only the standard library and ``teachers.files``.
@@ -29,11 +43,12 @@ its holder dies, however it dies. Imports only the standard library and ``teache
 from __future__ import annotations
 
 import os
+import re
 import sys
 import time
 from pathlib import Path
 
-from teachers.files import remove_stale_temp_files
+from teachers.files import make_dirs, remove_stale_temp_files, write_error
 
 try:
     import fcntl
@@ -41,8 +56,9 @@ except ImportError:  # pragma: no cover - Windows
     fcntl = None
 
 __all__ = [
-    "CONFIG", "STATE", "SYNTHESIZER", "METRICS", "STUDENT", "SUMMARY", "SAMPLES", "REPORT", "LOCK",
-    "RUN_FILES", "STATUSES", "RunDirBusyError", "RunLock", "run_status",
+    "CONFIG", "STATE", "SYNTHESIZER", "METRICS", "STUDENT", "SUMMARY", "SAMPLES", "REPORT", "LOCK", "LOG",
+    "RUN_FILES", "PLOTS", "OWNED_FILES", "STATUSES", "RESUME_FREE_KEYS", "RunDirBusyError", "RunLock", "run_status",
+    "clear_run_files", "config_changes", "remove_stale_temps",
 ]
 
 CONFIG = "config.yaml"
@@ -54,9 +70,20 @@ SUMMARY = "summary.json"
 SAMPLES = "samples.pt"
 REPORT = "report.md"
 LOCK = ".lock"
+LOG = "run.log"
 #: The files of a run, in the order a run writes them.
 RUN_FILES = (CONFIG, STATE, SYNTHESIZER, METRICS, STUDENT, SUMMARY, SAMPLES, REPORT)
+#: The figures the analysis draws (dfkd.reporting.analysis).
+PLOTS = ("samples.png", "classes.png", "embedding.png", "confusion.png", "curves.png")
+#: Every file a run writes: what ``--overwrite`` deletes before a new run starts.
+OWNED_FILES = RUN_FILES + (LOG,) + PLOTS
 STATUSES = ("missing", "empty", "started", "training", "trained", "finished")
+#: Config keys ``--resume`` lets differ from the saved config: where things are and how often
+#: to log or save, none of which changes the student.
+RESUME_FREE_KEYS = ("out", "device", "data_root", "download", "log_every", "checkpoint_every", "checkpoint_seconds")
+# temporary files of killed writers: teachers.files' ".<name>.XXXXXXXX.tmp" and the reporting
+# modules' ".<name>.tmp<pid>" / ".<stem>.tmp<pid>.png"
+_TEMP = re.compile(r"^\..+\.tmp(\d+)?(\.png)?$")
 
 
 class RunDirBusyError(ValueError):
@@ -77,6 +104,60 @@ def run_status(run_dir: str | os.PathLike) -> str:
     if (run_dir / CONFIG).is_file():
         return "started"
     return "empty"
+
+
+def clear_run_files(run_dir: str | os.PathLike, keep: tuple[str, ...] = ()) -> list[str]:
+    """Delete the :data:`OWNED_FILES` of ``run_dir`` except ``keep``; return the names deleted.
+    Hold the directory's :class:`RunLock` while calling it."""
+    run_dir, removed = Path(run_dir), []
+    for name in OWNED_FILES:
+        if name in keep:
+            continue
+        try:
+            (run_dir / name).unlink()
+        except FileNotFoundError:
+            continue
+        removed.append(name)
+    return removed
+
+
+def remove_stale_temps(run_dir: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files killed writers left in ``run_dir`` (see the module
+    docstring). Only while holding its :class:`RunLock`."""
+    removed = remove_stale_temp_files(run_dir)
+    try:
+        entries = list(os.scandir(run_dir))
+    except FileNotFoundError:
+        return removed
+    for entry in entries:
+        if _TEMP.match(entry.name) and entry.is_file(follow_symlinks=False):
+            try:
+                os.unlink(entry.path)
+            except FileNotFoundError:
+                continue
+            removed.append(Path(entry.path))
+    return sorted(removed)
+
+
+def _flat(value, prefix: str = "") -> dict:
+    if isinstance(value, dict):
+        out = {}
+        for key, item in value.items():
+            out.update(_flat(item, f"{prefix}{key}."))
+        return out or {prefix[:-1]: {}}
+    if isinstance(value, tuple):
+        value = list(value)
+    return {prefix[:-1]: value}
+
+
+def config_changes(saved: dict, current: dict, free: tuple[str, ...] = RESUME_FREE_KEYS) -> list[tuple[str, object, object]]:
+    """``(key, saved value, current value)`` for every key (``options.lr`` for nested ones)
+    whose value differs between two resolved configs, except the top-level keys in ``free``."""
+    a = {k: v for k, v in _flat(saved).items() if k.split(".")[0] not in free}
+    b = {k: v for k, v in _flat(current).items() if k.split(".")[0] not in free}
+    missing = object()
+    return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b))
+            if a.get(k, missing) != b.get(k, missing)]
 
 
 def _pid_alive(pid: int) -> bool:
@@ -109,11 +190,12 @@ def _read_pid(path: Path) -> int | None:
 
 
 class RunLock:
-    """``with RunLock(run_dir):`` holds ``run_dir/.lock`` exclusively (creating the directory).
+    """``with RunLock(run_dir):`` holds ``run_dir/.lock`` exclusively (creating the directory;
+    a path that cannot be a directory is a one-line :class:`teachers.files.FileWriteError`).
 
     Raises :class:`RunDirBusyError` at once if another process holds it. Once held, the
-    ``.*.tmp`` files of killed writers are removed (``clean=False`` keeps them; ``removed``
-    lists them). Uses ``flock``, which the OS releases when the holder exits or is killed;
+    temporary files of killed writers are removed (:func:`remove_stale_temps`; ``clean=False``
+    keeps them; ``removed`` lists them). Uses ``flock``, which the OS releases when the holder exits or is killed;
     without ``fcntl`` (Windows) a best-effort ``O_EXCL`` lock file with the holder's pid,
     taken over when that pid is gone. Processes forked (not exec'd) while the lock is held
     share it until they exit.
@@ -135,9 +217,12 @@ class RunLock:
     def acquire(self) -> "RunLock":
         if self._fd is not None:
             raise RuntimeError(f"RunLock({self.run_dir}) is already held by this object")
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        make_dirs(self.run_dir)
         if fcntl is not None:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            except OSError as exc:
+                raise write_error(self.path, exc) from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -152,7 +237,7 @@ class RunLock:
             fd = self._acquire_exclusive_file()
         self._fd = fd
         if self.clean:
-            self.removed = remove_stale_temp_files(self.run_dir)
+            self.removed = remove_stale_temps(self.run_dir)
         return self
 
     def _acquire_exclusive_file(self) -> int:  # pragma: no cover - Windows
