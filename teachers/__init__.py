@@ -18,6 +18,7 @@ from teachers.checkpoint import (
 )
 from teachers.factory import create_model
 from teachers.normalize import NormalizedModel, build_model, freeze, is_frozen
+from teachers.pretrained import PretrainedError, is_pretrained_spec, load_pretrained
 from teachers.registry import Registry, UnknownModelError, list_models, register_model
 from teachers.training import default_recipe, evaluate_classifier, train_classifier
 from teachers.zoo import (
@@ -32,7 +33,19 @@ from teachers.zoo import (
     verify_manifest,
 )
 
+
+def load_teacher(spec, map_location="cpu"):
+    """A teacher and its metadata from a checkpoint file or a pretrained name
+    (``tv:NAME:WEIGHTS``, ``timm:NAME``; :mod:`teachers.pretrained`)."""
+    if is_pretrained_spec(spec):
+        return load_pretrained(spec, map_location)
+    return load_checkpoint(spec, map_location)
+
+
 __all__ = [
+    "load_teacher",
+    "load_pretrained",
+    "PretrainedError",
     "Registry",
     "UnknownModelError",
     "register_model",
