@@ -190,3 +190,126 @@ def test_uhc_loss_is_zero_for_a_student_consistent_with_overlapping_teachers():
 def test_mask_shape_is_checked():
     with pytest.raises(ValueError, match="mask must be"):
         create_combiner("mean_logits")(torch.zeros(2, 1, 3), torch.ones(3, 2, dtype=torch.bool))
+
+
+# ----------------------------------------------------------------------------- calibrated combiners
+DISJOINT = torch.tensor([[True, True, False], [False, False, True]])
+
+
+def running(batches, momentum):
+    """Running mean and variance of one logit (``batches``: its values, batch by batch) as
+    LogitCalibration's docstring defines them, by hand."""
+    mean = var = None
+    for n, values in enumerate(batches):
+        b_mean = sum(values) / len(values)
+        b_var = sum((v - b_mean) ** 2 for v in values) / len(values)
+        w = max(1.0 / (n + 1), momentum)
+        if mean is None:
+            mean, var = b_mean, b_var
+            continue
+        new = (1 - w) * mean + w * b_mean
+        var = (1 - w) * (var + (mean - new) ** 2) + w * (b_var + (b_mean - new) ** 2)
+        mean = new
+    return mean, var
+
+
+def test_calibrated_concat_standardises_each_logit_by_running_statistics():
+    comb = create_combiner("calibrated_concat", momentum=0.5)
+    # teacher 0 (classes 0, 1) is loud, teacher 1 (class 2) quiet; three training batches of two images
+    batches = [torch.tensor([[[8.0, 2.0, 0.0], [6.0, 4.0, 0.0]], [[0.0, 0.0, 1.0], [0.0, 0.0, 3.0]]]),
+               torch.tensor([[[9.0, 1.0, 0.0], [7.0, 1.0, 0.0]], [[0.0, 0.0, 2.0], [0.0, 0.0, 2.5]]]),
+               torch.tensor([[[5.0, 5.0, 0.0], [10.0, 0.0, 0.0]], [[0.0, 0.0, 0.5], [0.0, 0.0, 1.5]]])]
+    # before any statistics it is concat
+    assert close(comb.eval()(batches[0], DISJOINT), [[8.0, 2.0, 1.0], [6.0, 4.0, 3.0]])
+    comb.train()
+    for batch in batches:
+        comb(batch, DISJOINT)
+    cols = {0: (0, 0), 1: (0, 1), 2: (1, 2)}  # union class -> (teacher, column)
+    stats = {k: running([[row[c] for row in b[t].tolist()] for b in batches], 0.5) for k, (t, c) in cols.items()}
+    # batches 1-3 weigh 1, 1/2 (= max(1/2, 0.5)), 1/2 (momentum: max(1/3, 0.5))
+    comb.eval()
+    x = torch.tensor([[[7.0, 3.0, 0.0]], [[0.0, 0.0, 2.0]]])
+    expected = [(x[t, 0, c].item() - stats[k][0]) / math.sqrt(stats[k][1] + 1e-4) for k, (t, c) in cols.items()]
+    assert close(comb(x, DISJOINT), [expected], tol=1e-4)
+    assert close(comb.calibration.count, 3.0)
+    # eval mode reads the statistics without changing them
+    before = comb.calibration.mean.clone()
+    comb(batches[0], DISJOINT)
+    assert torch.equal(comb.calibration.mean, before)
+    # the statistics are the combiner's state
+    fresh = create_combiner("calibrated_concat", momentum=0.5).eval()
+    fresh.load_state_dict(comb.state_dict())
+    assert torch.allclose(fresh(x, DISJOINT), comb(x, DISJOINT))
+    assert set(comb.state_dict()) == {"calibration.mean", "calibration.var", "calibration.count"}
+    # scale multiplies the merged logits; overlapping classes average the standardised ones
+    scaled = create_combiner("calibrated_concat", scale=3.0).eval()
+    scaled.load_state_dict(comb.state_dict())
+    assert torch.allclose(scaled(x, DISJOINT), 3 * comb(x, DISJOINT))
+    plain = create_combiner("calibrated_concat").eval()
+    assert close(plain(torch.tensor([[[1.0, 2.0, GARBAGE]], [[GARBAGE, 4.0, 6.0]]]), PARTIAL), [[1.0, 3.0, 6.0]], tol=1e-3)
+
+
+def test_calibration_turns_the_louder_member_into_the_surer_one():
+    """Teacher 0 is loud on every image; once calibrated, the member that is higher than it
+    usually is wins: an image where teacher 0 is at its usual level and teacher 1 far above
+    its own goes to teacher 1's class, though raw concatenation gives it to teacher 0."""
+    torch.manual_seed(0)
+    loud = torch.randn(1, 64, 3) * 0.5 + torch.tensor([10.0, 9.0, 0.0])
+    quiet = torch.randn(1, 64, 3) * 0.5 + torch.tensor([0.0, 0.0, 2.0])
+    comb = create_combiner("calibrated_concat").train()
+    comb(torch.cat([loud, quiet]), DISJOINT)
+    comb.eval()
+    usual0, high1 = torch.tensor([[[10.0, 9.0, 0.0]], [[0.0, 0.0, 4.0]]]).unbind(0)
+    assert create_combiner("concat")(torch.stack([usual0, high1]), DISJOINT).argmax(1).item() == 0  # raw: loud wins
+    assert comb(torch.stack([usual0, high1]), DISJOINT).argmax(1).item() == 2
+
+
+def test_group_share_by_hand():
+    # teachers 0 and 1 know {0, 1} (one group), teacher 2 knows {2}
+    mask = torch.tensor([[True, True, False], [True, True, False], [False, False, True]])
+    comb = create_combiner("group_share", momentum=1.0)
+    z = torch.tensor([[[2.0, 0.0, GARBAGE]], [[1.0, 1.0, GARBAGE]], [[GARBAGE, GARBAGE, 0.5]]])
+
+    def lse(values):
+        return math.log(sum(math.exp(v) for v in values))
+
+    e_group = [(lse([2.0, 0.0]) + lse([1.0, 1.0])) / 2, 0.5]
+    p_group = [[(a + b) / 2 for a, b in zip(softmax([2.0, 0.0]), softmax([1.0, 1.0]))] + [0.0], [0.0, 0.0, 1.0]]
+
+    def mix(offsets):
+        w = softmax([e - o for e, o in zip(e_group, offsets)])
+        return [w[0] * a + w[1] * b for a, b in zip(*p_group)]
+
+    assert close(comb.eval()(z, mask)[0].exp(), mix([0.0, 0.0]))  # nothing seen yet: raw evidence
+    comb.train()(torch.tensor([[[3.0, 1.0, 0.0]], [[0.0, 2.0, 0.0]], [[0.0, 0.0, -1.0]]]), mask)
+    seen = [(lse([3.0, 1.0]) + lse([0.0, 2.0])) / 2, -1.0]  # momentum 1: the last batch's mean evidence
+    assert close(comb.eval()(z, mask)[0].exp(), mix(seen))
+    # one group (all members share a class set): mean_prob
+    full = torch.tensor([[[1.0, 0.0, 2.0]], [[0.0, 3.0, 0.0]]])
+    assert torch.allclose(create_combiner("group_share")(full, FULL), create_combiner("mean_prob")(full, FULL))
+
+
+def test_members_linked_by_shared_classes_and_the_auto_choice():
+    from dfkd.multi.combine import member_components, resolve_combine
+
+    chain = torch.tensor([[1, 1, 0, 0, 0], [0, 1, 1, 0, 0], [0, 0, 0, 1, 1], [0, 0, 1, 1, 0]], dtype=torch.bool)
+    assert member_components(chain) == [[0, 1, 2, 3]]  # 0-1 share class 1, 1-3 class 2, 3-2 class 3
+    apart = torch.tensor([[1, 1, 0, 0], [0, 1, 0, 0], [0, 0, 1, 1]], dtype=torch.bool)
+    assert member_components(apart) == [[0, 1], [2]]
+    assert resolve_combine(DISJOINT)[0] == "calibrated_concat"
+    assert resolve_combine(chain)[0] == "uhc"
+    name, why = resolve_combine(apart, ["a", "b", "c"])
+    assert name == "calibrated_concat" and "a, b | c" in why
+    assert resolve_combine(torch.ones(1, 4, dtype=torch.bool))[0] == "mean_logits"
+
+
+def test_uhc_warns_on_class_sets_that_do_not_connect_and_names_what_to_use():
+    from dfkd.multi.combine import CombinerWarning
+
+    with pytest.warns(CombinerWarning, match=r"members a \| b do not overlap.*use --combine calibrated_concat"):
+        create_combiner("uhc").check_mask(DISJOINT, ["a", "b"])
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        create_combiner("uhc").check_mask(PARTIAL, ["a", "b"])  # overlapping: no warning

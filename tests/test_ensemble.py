@@ -208,3 +208,42 @@ def test_an_ensemble_drives_each_synthesizer(method, wrapped):
     assert torch.isfinite(total)
     total.backward()
     assert student.net.conv1.weight.grad is not None and student.net.conv1.weight.grad.abs().sum() > 0
+
+
+def test_auto_combine_is_chosen_from_the_class_sets():
+    disjoint = TeacherEnsemble([member("a", [0, 1, 2]), member("b", [3, 4], seed=1)], combine="auto")
+    assert disjoint.combiner.name == "calibrated_concat" and "disjoint" in disjoint.combine_reason
+    linked = TeacherEnsemble([member("a", [0, 1, 2]), member("b", [2, 3], seed=1), member("c", [3, 4], seed=2)],
+                             combine="auto")
+    assert linked.combiner.name == "uhc" and linked.meta()["combine"] == "uhc"
+    apart = TeacherEnsemble([member("a", [0, 1]), member("b", [1, 2], seed=1), member("c", [5, 6], seed=2)],
+                            combine="auto")
+    assert apart.combiner.name == "calibrated_concat" and "a, b | c" in apart.combine_reason
+    one = TeacherEnsemble([member("a", [0, 1, 2])], combine="auto")
+    assert one.combiner.name == "mean_logits"
+    x = torch.rand(2, *SHAPE)
+    assert torch.equal(one(x), one.members[0](x))  # one member: its own logits
+
+
+def test_clashing_class_names_are_a_one_line_error():
+    a = member("a", [0, 1, 2])
+    b = member("b", [2, 3], seed=1)
+    b[2]["class_names"] = ["Coat", "c3"]  # a calls class 2 "c2"
+    with pytest.raises(EnsembleError, match=r"class names clash: class 2 is 'c2' for member 'a' but 'Coat' for member 'b'") as err:
+        TeacherEnsemble([a, b])
+    assert "\n" not in str(err.value)
+    b[2]["class_names"] = ["c2", "c1"]  # "c1" is class 1 for a
+    with pytest.raises(EnsembleError, match=r"'c1' is class 1 for member 'a' but class 3 for member 'b'"):
+        TeacherEnsemble([a, b])
+    # a class_map says which classes are the same: no clash
+    ens = TeacherEnsemble([a, b], class_map={"b": [2, 3]})
+    assert ens.classes == [0, 1, 2, 3]
+    # members without class names are not compared
+    del b[2]["class_names"]
+    assert TeacherEnsemble([a, b]).class_names[:3] == ["c0", "c1", "c2"]
+
+
+def test_different_image_shapes_are_a_one_line_error():
+    with pytest.raises(EnsembleError) as err:
+        TeacherEnsemble([member("a", [0, 1]), member("b", [2, 3], shape=(1, 28, 28), seed=1)])
+    assert "\n" not in str(err.value) and "allow_mixed" in str(err.value)

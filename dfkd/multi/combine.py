@@ -24,7 +24,7 @@ Registry: ``@register_combiner("name")``, :func:`create_combiner`, :func:`list_c
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -44,6 +44,10 @@ __all__ = [
     "teacher_probabilities",
     "teacher_entropies",
     "LOG_FLOOR",
+    "CombinerWarning",
+    "member_components",
+    "resolve_combine",
+    "component_listing",
 ]
 
 #: Probabilities are floored at this value before taking logs (``log 1e-8 = -18.4``).
@@ -51,6 +55,11 @@ LOG_FLOOR = 1e-8
 
 class UnknownCombinerError(ValueError):
     """An unknown combiner name, or options a combiner does not accept."""
+
+
+class CombinerWarning(UserWarning):
+    """A combiner that runs on these class sets but cannot use what they hold (``uhc`` on
+    members whose class sets do not connect)."""
 
 
 def _named(name: str, cls: type) -> type:
@@ -102,6 +111,57 @@ def check_mask(mask: torch.Tensor) -> None:
     """Every teacher must know at least one class."""
     if not bool(mask.bool().any(dim=1).all()):
         raise ValueError("every teacher must know at least one class (a row of the mask is all false)")
+
+
+def member_components(mask: torch.Tensor) -> list[list[int]]:
+    """The members linked by shared classes, directly or through other members: the connected
+    components of the graph whose edges join two members that know a common class, each a
+    sorted list of member indices, in order of their first member."""
+    m = mask.bool().cpu()
+    shared = (m.float() @ m.float().T) > 0  # (T, T): members with a common class
+    component = list(range(m.shape[0]))
+    changed = True
+    while changed:  # label propagation: each member takes the smallest label among its neighbours
+        changed = False
+        for a in range(m.shape[0]):
+            for b in range(m.shape[0]):
+                if shared[a, b] and component[b] < component[a]:
+                    component[a], changed = component[b], True
+    groups: dict[int, list[int]] = {}
+    for member, label in enumerate(component):
+        groups.setdefault(label, []).append(member)
+    return list(groups.values())
+
+
+def component_listing(components: list[list[int]], names: Sequence[str] | None) -> str:
+    """``"a, b | c"``: the members of each component by name (``#i`` without names)."""
+
+    def name(i):
+        return names[i] if names is not None else f"#{i}"
+
+    return " | ".join(", ".join(name(i) for i in comp) for comp in components)
+
+
+def resolve_combine(mask: torch.Tensor, names: Sequence[str] | None = None) -> tuple[str, str]:
+    """The combiner ``combine="auto"`` stands for, chosen from the members' class sets, and why:
+
+    - one member: ``mean_logits`` (its own logits: plain distillation);
+    - disjoint class sets, or overlaps that leave some members unconnected:
+      ``calibrated_concat`` (the members are put on one scale on the transfer images);
+    - overlapping class sets that connect every member: ``uhc`` (the overlaps tie the
+      members' scales together, and UHC needs no calibration; docs/experiments.md compares
+      it with calibrated_concat on the Fashion-MNIST zoo (b)).
+    """
+    m = mask.bool().cpu()
+    if m.shape[0] == 1:
+        return "mean_logits", "one member: its own logits (plain distillation)"
+    if not bool((m.sum(dim=0) > 1).any()):
+        return "calibrated_concat", "disjoint class sets: each member's logits standardised on the transfer images"
+    components = member_components(m)
+    if len(components) > 1:
+        return "calibrated_concat", (f"class sets overlap but do not connect every member ({component_listing(components, names)}): "
+                                     "each member's logits standardised on the transfer images")
+    return "uhc", "overlapping class sets that connect every member: UHC"
 
 
 def masked_softmax(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -160,9 +220,9 @@ class Combiner(nn.Module):
     def forward(self, logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:  # pragma: no cover
         raise NotImplementedError("abstract: each combiner implements forward()")
 
-    def check_mask(self, mask: torch.Tensor) -> None:
+    def check_mask(self, mask: torch.Tensor, names: Sequence[str] | None = None) -> None:
         """Raise ``ValueError`` if this combiner cannot merge teachers with these class sets
-        (called once by the ensemble when it is built)."""
+        (called once by the ensemble when it is built; ``names`` are the members', for messages)."""
         check_mask(mask)
 
     def loss(self, student_logits: torch.Tensor, logits: torch.Tensor, mask: torch.Tensor,

@@ -4,6 +4,7 @@ Shared conventions (shapes, masks, merged logits) are in :mod:`dfkd.multi.combin
 """
 from __future__ import annotations
 
+import warnings
 from typing import Sequence
 
 import torch
@@ -12,11 +13,14 @@ import torch.nn.functional as F
 from dfkd.core.losses import kd_loss
 from dfkd.multi.combine import (
     Combiner,
+    CombinerWarning,
     check_logits,
+    component_listing,
     create_combiner,
     floored_log,
     masked_mean_logits,
     masked_softmax,
+    member_components,
     mixture,
     register_combiner,
     teacher_entropies,
@@ -72,8 +76,8 @@ class Weighted(Combiner):
         w = torch.tensor(self.weights or [], dtype=torch.float32)
         self.register_buffer("normalized_weights", w / w.sum() if self.weights else w, persistent=False)
 
-    def check_mask(self, mask):
-        super().check_mask(mask)
+    def check_mask(self, mask, names=None):
+        super().check_mask(mask, names)
         if self.weights is not None and len(self.weights) != mask.shape[0]:
             raise ValueError(f"weighted: {len(self.weights)} weights given for {mask.shape[0]} teachers")
 
@@ -239,13 +243,13 @@ class Concat(Combiner):
     Overlapping class sets are an error (use ``mean_logits`` or the UHC loss).
     """
 
-    def check_mask(self, mask):
-        super().check_mask(mask)
+    def check_mask(self, mask, names=None):
+        super().check_mask(mask, names)
         owners = mask.bool().sum(dim=0)
         if bool((owners > 1).any()):
             shared = torch.nonzero(owners > 1).flatten().tolist()
             raise ValueError(f"concat needs disjoint class sets, but union classes {shared} are known by several "
-                             "teachers; use mean_logits, entropy_weighted or uhc")
+                             "teachers; use calibrated_concat, mean_logits, entropy_weighted or uhc")
 
     def forward(self, logits, mask):
         if mask.device.type == "cpu":
@@ -292,7 +296,22 @@ class UHC(Combiner):
     steps of the synthesizers) -- is the mean over teachers of their log-probabilities,
     ``z(k) = mean_{t: k in C_t} log p_t(k)``, which removes each teacher's arbitrary logit
     offset.
+
+    UHC learns how much probability belongs to each member only through the classes members
+    share: on members whose class sets do not connect (two disjoint halves), every term is
+    the same however the student splits its mass between them, so :meth:`check_mask` warns
+    (:class:`~dfkd.multi.combine.CombinerWarning`) and names ``calibrated_concat`` instead.
     """
+
+    def check_mask(self, mask, names=None):
+        super().check_mask(mask, names)
+        components = member_components(mask)
+        if len(components) > 1:
+            warnings.warn(
+                f"uhc: the class sets of the members {component_listing(components, names)} do not overlap, so UHC cannot learn "
+                "how much probability belongs to each of these groups (its loss is the same however the student splits "
+                "its mass between them); use --combine calibrated_concat (or group_share, or auto)",
+                CombinerWarning, stacklevel=2)
 
     def forward(self, logits, mask):
         logits, mask = check_logits(logits, mask)

@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dfkd.core.taps import FeatureTap, head_path
-from dfkd.multi.combine import Combiner, create_combiner
+from dfkd.multi.combine import Combiner, create_combiner, resolve_combine
 from teachers import NormalizedModel, freeze, load_checkpoint, load_zoo
 
 __all__ = ["EnsembleError", "EnsembleOutput", "TeacherEnsemble", "adapt_input"]
@@ -126,6 +126,8 @@ class TeacherEnsemble(nn.Module):
             one with ``meta["mean"]``/``meta["std"]``.
         combine: name of the combiner for ``forward`` (:func:`dfkd.multi.combine.list_combiners`)
             or a :class:`~dfkd.multi.combine.Combiner`; ``combine_options`` are its options.
+            ``"auto"`` chooses from the class sets (:func:`dfkd.multi.combine.resolve_combine`;
+            the choice is ``combiner.name``, the reason ``combine_reason``).
         class_map: ``{member_name: [union ids]}`` (see the module docstring).
         classes: optional explicit union label space (ids); a member class outside it is an
             error naming the member. Default: the sorted union of the members' classes.
@@ -179,9 +181,12 @@ class TeacherEnsemble(nn.Module):
             self.register_buffer(f"_index_{i}", idx, persistent=False)
             mask[i, idx] = True
         self.register_buffer("mask", mask, persistent=False)
+        self.combine_reason = None
+        if combine == "auto":  # chosen from the class sets (dfkd.multi.combine.resolve_combine)
+            combine, self.combine_reason = resolve_combine(mask, names)
         self.combiner = combine if isinstance(combine, Combiner) else create_combiner(combine, **dict(combine_options or {}))
         try:
-            self.combiner.check_mask(mask)
+            self.combiner.check_mask(mask, names)
         except ValueError as exc:
             raise EnsembleError(f"members {names}: {exc}") from None
         self.combiner.eval()
@@ -240,6 +245,8 @@ class TeacherEnsemble(nn.Module):
         mixed = self.allow_mixed and len(set(datasets)) > 1
         self.member_keys = []
         names_of: dict = {}
+        named: dict = {}  # union key -> (member, class name) from members that name their classes
+        key_of: dict = {}  # class name -> (member, union key)
         for name, meta, dataset in zip(self.names, self.metas, datasets):
             own = [int(c) for c in meta["classes"]]
             labels = [str(c) for c in meta.get("class_names") or own]
@@ -260,6 +267,8 @@ class TeacherEnsemble(nn.Module):
             self.member_keys.append(keys)
             for k, label in zip(keys, labels):
                 names_of.setdefault(k, label)
+            if meta.get("class_names") and name not in class_map:  # a class_map says which classes are one
+                self._check_names(name, keys, labels, named, key_of)
         if mixed:
             order = []
             for keys in self.member_keys:
@@ -275,6 +284,21 @@ class TeacherEnsemble(nn.Module):
                                         f"{allowed}")
             union = allowed
         return union, list(union), [names_of.get(k, str(k)) for k in union]
+
+    @staticmethod
+    def _check_names(name: str, keys: list, labels: list[str], named: dict, key_of: dict) -> None:
+        """Refuse two members that give one class two names, or one name to two classes."""
+        for k, label in zip(keys, labels):
+            other, other_label = named.setdefault(k, (name, label))
+            if other_label != label:
+                raise EnsembleError(f"class names clash: class {k} is {other_label!r} for member {other!r} but "
+                                    f"{label!r} for member {name!r}; give class_map={{member: [union ids]}} to say "
+                                    "which classes are the same")
+            other, other_key = key_of.setdefault(label, (name, k))
+            if other_key != k:
+                raise EnsembleError(f"class names clash: {label!r} is class {other_key} for member {other!r} but "
+                                    f"class {k} for member {name!r}; give class_map={{member: [union ids]}} to say "
+                                    "which classes are the same")
 
     # -- label space --------------------------------------------------------------------------
     def __len__(self) -> int:
