@@ -207,9 +207,11 @@ class ImagePool:
         self.cursor = (self.cursor + images.shape[0]) % self.capacity
         self.count = min(self.capacity, self.count + images.shape[0])
 
-    def sample(self, batch_size: int, generator: torch.Generator | None = None, balanced: bool = False) -> torch.Tensor:
-        """``batch_size`` held images, drawn with replacement (class-balanced when
-        ``balanced`` and the pool holds labels), without a host synchronisation."""
+    def sample_indices(self, batch_size: int, generator: torch.Generator | None = None,
+                       balanced: bool = False) -> torch.Tensor:
+        """Positions of ``batch_size`` held images, drawn with replacement (class-balanced when
+        ``balanced`` and the pool holds labels), without a host synchronisation (what
+        :meth:`sample` draws; a subclass that keeps more per image reads it at the same positions)."""
         if self.count == 0:
             raise RuntimeError("the image pool is empty: synthesize before sampling")
         if balanced and self.labels is not None:
@@ -217,10 +219,12 @@ class ImagePool:
             per_label = torch.bincount(held)
             cdf = torch.cumsum(1.0 / per_label[held].double(), 0)
             u = torch.rand(batch_size, generator=generator, dtype=torch.float64).to(cdf.device) * cdf[-1]
-            idx = torch.searchsorted(cdf, u).clamp_(max=self.count - 1)
-        else:
-            idx = torch.randint(0, self.count, (batch_size,), generator=generator).to(self.images.device)
-        return self.images[idx]
+            return torch.searchsorted(cdf, u).clamp_(max=self.count - 1)
+        return torch.randint(0, self.count, (batch_size,), generator=generator).to(self.images.device)
+
+    def sample(self, batch_size: int, generator: torch.Generator | None = None, balanced: bool = False) -> torch.Tensor:
+        """``batch_size`` held images at :meth:`sample_indices`."""
+        return self.images[self.sample_indices(batch_size, generator, balanced)]
 
     def label_counts(self, num_classes: int) -> torch.Tensor:
         """Images held per label (zeros when the pool holds no labels)."""

@@ -6,6 +6,7 @@ from torch import nn
 
 from dfkd.multi.combine import Combiner, create_combiner
 from dfkd.multi.features import FEATURE_METHODS, AmalgamationError, FeatureAmalgamator
+from dfkd.multi.per_member import PerMemberSynthesizer, member_losses, member_target
 from generators.base import Synthesizer
 
 
@@ -30,6 +31,17 @@ class AmalgamationSynthesizer(Synthesizer):
 
     The adapters' parameters are returned by :meth:`extra_parameters`; the engine (after
     ``attach_student``) optimises them with the student.
+
+    With per-member synthesis (``inner`` a :class:`~dfkd.multi.per_member.PerMemberSynthesizer`)
+    the student's target is the origin-aware one of :func:`~dfkd.multi.per_member.member_target`
+    (``{"kd", "negatives"}``, :func:`~dfkd.multi.per_member.member_losses`), whatever the combiner;
+    the combiner still gives the ensemble's merged prediction (evaluation).
+
+    Calibrated combiners (a ``calibration`` of running statistics, :mod:`dfkd.multi.calibrated`):
+    this wrapper's training-mode combiner and the ensemble's own share one set of statistics,
+    so what the student batches teach it is what the ensemble's predictions (the synthesizer's
+    class terms, evaluation) read; with per-member synthesis a ``calibrated_concat`` shares the
+    per-member bank's statistics instead. They are saved in :meth:`state_dict` (``"combiner"``).
     """
 
     def __init__(self, inner, ensemble, combine: str | Combiner = "mean_prob", combine_options: dict | None = None,
@@ -48,13 +60,27 @@ class AmalgamationSynthesizer(Synthesizer):
         self.student_steps_per_round = inner.student_steps_per_round
         self.rng = inner.rng
         self.combiner = combine if isinstance(combine, Combiner) else create_combiner(combine, **dict(combine_options or {}))
-        self.combiner.check_mask(ensemble.mask.cpu())
+        self.combiner.check_mask(ensemble.mask.cpu(), ensemble.names)
+        self.per_member = inner if isinstance(inner, PerMemberSynthesizer) else None
+        self._link_calibration()
         self.combiner.to(inner.device).train()
         self.features_method, self.layers = features, layers
         self.feature_options = dict(feature_options or {})
         self.feature_weight = float(feature_weight)
         self.student_loss = student_loss
         self.amalgamator: FeatureAmalgamator | None = None
+
+    def _link_calibration(self) -> None:
+        """One set of running statistics for this combiner, the ensemble's and per-member synthesis."""
+        own = getattr(self.ensemble.combiner, "calibration", None)
+        self._combiner_learns = False
+        if own is None or type(self.ensemble.combiner) is not type(self.combiner):
+            return
+        if self.per_member is not None and self.combiner.name == "calibrated_concat":
+            self.per_member.calibration = own  # the bank's images calibrate the ensemble's predictions
+        else:
+            self._combiner_learns = True  # the student batches calibrate them
+        self.combiner.calibration = own
 
     # -- what the engine reads: the inner method's, kept in step with it ----------------
     @property
@@ -107,6 +133,8 @@ class AmalgamationSynthesizer(Synthesizer):
 
     def student_losses(self, student, batch):
         """Named student losses, the student's logits and the merged teacher logits."""
+        if self.per_member is not None and getattr(batch, "origin", None) is not None:
+            return self._member_losses(student, batch)
         if self.student_loss == "method":
             if self.amalgamator is not None:
                 with torch.no_grad(), self.inner.autocast():
@@ -127,14 +155,36 @@ class AmalgamationSynthesizer(Synthesizer):
                 losses[key] = self.feature_weight * value
         return losses, student_logits, merged
 
+    def _member_losses(self, student, batch):
+        """The origin-aware target of per-member synthesis (class docstring)."""
+        union = batch.union_logits if self.amalgamator is None else None
+        if union is None:  # fresh logits (and fresh features for the taps)
+            with torch.no_grad(), self.inner.autocast():
+                union = self.ensemble.forward_all(batch.images).union_logits
+        mask = self.ensemble.mask
+        if self._combiner_learns:
+            self.combiner(union, mask)  # its statistics learn from the student batches
+        settings = self.per_member.settings
+        target, _ = member_target(union, mask, batch.origin, self.per_member.calibration, settings["origin_prior"])
+        with self.inner.autocast():
+            student_logits = student(batch.images).float()
+        losses = member_losses(student_logits, target, batch.origin, mask, self.inner.temperature,
+                               float(settings["negative_weight"]))
+        if self.amalgamator is not None:
+            for key, value in self.amalgamator.losses_from_taps().items():
+                losses[key] = self.feature_weight * value
+        return losses, student_logits, target.clamp_min(1e-8).log()
+
     # -- state -------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        state = {"inner": self.inner.state_dict()}
+        state = {"inner": self.inner.state_dict(), "combiner": self.combiner.state_dict()}
         if self.amalgamator is not None:
             state["features"] = self.amalgamator.state_dict()
         return state
 
     def load_state_dict(self, state: dict) -> None:
         self.inner.load_state_dict(state["inner"])
+        if state.get("combiner"):
+            self.combiner.load_state_dict(state["combiner"])
         if self.amalgamator is not None and "features" in state:
             self.amalgamator.load_state_dict(state["features"])
