@@ -94,10 +94,13 @@ def test_resume_continues_a_killed_run(teacher, tmp_path):
     run = tmp_path / "run"
     dfkd("distill", "--teacher", teacher, "--method", "dafl", "--steps", 8, "--quiet", "--out", run,
          "--checkpoint-every", 4, "batch_size=32", "options.ngf=8", "samples=32")
-    (run / "summary.json").unlink()  # pretend it died after its last checkpoint
+    (run / "report.md").unlink()  # pretend it died after training, before the report
+    (run / "summary.json").unlink()
     out = dfkd("distill", "--resume", run, "--quiet")
     assert "student" in out.stdout
-    assert json.loads((run / "summary.json").read_text())["steps"] == 8
+    assert json.loads((run / "summary.json").read_text())["steps"] == 8 and (run / "report.md").exists()
+    again = dfkd("distill", "--resume", run, "--quiet", check=False)
+    assert again.returncode == 2 and "already finished" in again.stderr
 
 
 def test_import_weights_from_a_plain_state_dict(teacher, tmp_path):

@@ -57,11 +57,11 @@ def amalgamate(config: AmalgamateConfig | dict | None = None, *, resume: bool | 
     from teachers.device import resolve_device
 
     if resume:
-        config, has_state = resume_config(resume, AmalgamateConfig)
+        config, _ = resume_config(resume, AmalgamateConfig)
     else:
         base = config.to_dict() if isinstance(config, AmalgamateConfig) else dict(config or {})
-        config, has_state = AmalgamateConfig.from_layers(base, fields), False
-    cfg = config
+        config = AmalgamateConfig.from_layers(base, fields)
+    cfg = config.validate()
     if not cfg.zoo:
         raise RunError("amalgamate needs --zoo zoo.yaml (a manifest written by dfkd zoo build)")
     if not cfg.out:
@@ -111,6 +111,6 @@ def amalgamate(config: AmalgamateConfig | dict | None = None, *, resume: bool | 
             extras["teachers"] = member_report(ensemble, student.eval(), cfg.data_root, device)
         return extras
 
-    return execute(cfg, ensemble, meta, resume=has_state, overwrite=overwrite, progress=progress,
+    return execute(cfg, ensemble, meta, resume=bool(resume), overwrite=overwrite, progress=progress,
                    make_synthesizer=make_synthesizer, summary_extras=summary_extras, real_images=real_images,
                    record={"zoo": str(cfg.zoo)}, command=command, say=say)

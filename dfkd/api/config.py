@@ -4,15 +4,44 @@ tree of defaults that the command line, YAML files and ``key=value`` overrides l
 Precedence, lowest first: these defaults < ``--config FILE`` < explicit flags < overrides.
 Method options (the synthesizer's own hyperparameters) go under ``options``; their defaults
 are the method's (``generators``), merged key by key.
+
+Layers keep every value given, zeros included. :meth:`validate` (called by every job before
+any work is done) refuses numbers that make no sense (``steps: 0``, a negative interval,
+``student_ema: 1``, a learning rate of 0 ...) with a :class:`dfkd.config.ConfigError` naming the
+key.
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from dfkd.config import merge_config
+from dfkd.config import ConfigError, merge_config
+from dfkd.core.options import check_type
+
+# what a number must be: (test, how to say it)
+_AT_LEAST_1 = (lambda v: v >= 1, "at least 1")
+_NOT_NEGATIVE = (lambda v: v >= 0, "0 or more")
+_POSITIVE = (lambda v: v > 0, "above 0")
+_FRACTION = (lambda v: 0 <= v < 1, "in [0, 1)")
+#: method options (under ``options:``) with a range, checked when given; other ``*_weight``
+#: options must be 0 or more
+OPTION_RANGES = {
+    "batch_size": _AT_LEAST_1, "synthesis_batch_size": _AT_LEAST_1, "student_steps_per_round": _AT_LEAST_1,
+    "iterations": _AT_LEAST_1, "nz": _AT_LEAST_1, "ngf": _AT_LEAST_1, "pool_size": _AT_LEAST_1,
+    "temperature": _POSITIVE, "adi_temperature": _POSITIVE, "lr": _POSITIVE, "lr_z": _POSITIVE,
+    "generator_lr": _POSITIVE,
+}
+
+
+def _check_range(key: str, value, rule, note: str = "") -> None:
+    test, said = rule
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return  # a wrong type is the type rule's to report
+    if (isinstance(value, float) and not math.isfinite(value)) or not test(value):
+        raise ConfigError(f"{key} must be {said}, got {value!r}{note}")
 
 
 def _plain_paths(layer: dict | None) -> dict | None:
@@ -51,6 +80,25 @@ class _Layered:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    #: ``key: (test, how to say it)`` for the numbers of this job (``None`` passes)
+    ranges: dict = {}
+
+    def validate(self):
+        """Check every key's type and range (:class:`dfkd.config.ConfigError` naming the
+        first bad key); returns the config."""
+        defaults = type(self).defaults()
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if value is None:
+                continue
+            if isinstance(value, os.PathLike):
+                value = os.fspath(value)
+            value = check_type(f.name, value, defaults[f.name], ConfigError)
+            setattr(self, f.name, value)
+            if f.name in self.ranges:
+                _check_range(f.name, value, self.ranges[f.name])
+        return self
+
     def replace(self, **changes):
         """A copy with ``changes`` applied through the same checks as a layer."""
         return type(self).from_layers(self.to_dict(), changes)
@@ -59,6 +107,9 @@ class _Layered:
 @dataclass
 class TeacherConfig(_Layered):
     """Supervised training of a teacher on a real data set (``dfkd train-teacher``)."""
+
+    ranges = {"epochs": _AT_LEAST_1, "batch_size": _AT_LEAST_1, "lr": _POSITIVE, "weight_decay": _NOT_NEGATIVE,
+              "image_size": _AT_LEAST_1}
 
     dataset: str = "digits"
     arch: str = "lenet5_bn"
@@ -81,6 +132,12 @@ class TeacherConfig(_Layered):
 class RunConfig(_Layered):
     """What a distillation run takes, from one teacher or from a zoo."""
 
+    ranges = {"steps": _AT_LEAST_1, "batch_size": _AT_LEAST_1, "eval_every": _NOT_NEGATIVE,
+              "log_every": _NOT_NEGATIVE, "checkpoint_every": _NOT_NEGATIVE, "checkpoint_seconds": _NOT_NEGATIVE,
+              "student_ema": _FRACTION, "samples": _AT_LEAST_1, "student_lr": _POSITIVE,
+              "student_weight_decay": _NOT_NEGATIVE, "student_momentum": _FRACTION, "student_grad_clip": _NOT_NEGATIVE,
+              "feature_weight": _NOT_NEGATIVE, "real_limit": _NOT_NEGATIVE}
+
     method: str = "dafl"
     student: str = "lenet5_half"
     steps: int = 1000
@@ -94,7 +151,8 @@ class RunConfig(_Layered):
     no_eval: bool = False
     eval_every: int = 0  # 0: only at the end
     log_every: int = 50
-    checkpoint_every: int = 0  # 0: only at the end
+    checkpoint_every: int = 0  # 0: by time only (checkpoint_seconds)
+    checkpoint_seconds: float = 300.0  # save the state at most this long apart (at round ends); 0: only at the end
     student_ema: float = 0.0
     samples: int = 512
     # the student's optimiser (dfkd.engine.optim.StudentOptim); None: the method's recipe
@@ -106,6 +164,15 @@ class RunConfig(_Layered):
     student_grad_clip: Any = None
     bn_priors: list = field(default_factory=list)
     options: dict = field(default_factory=dict)
+
+    def validate(self):
+        super().validate()
+        for key, value in (self.options or {}).items():
+            if key in OPTION_RANGES:
+                _check_range(f"options.{key}", value, OPTION_RANGES[key])
+            elif key.endswith("_weight"):
+                _check_range(f"options.{key}", value, _NOT_NEGATIVE, " (a weight; 0 drops its term)")
+        return self
 
 
 @dataclass

@@ -15,14 +15,16 @@ def distill(config: DistillConfig | dict | None = None, *, resume: bool | str = 
 
     ``config`` is a :class:`DistillConfig`, a mapping of its keys, or ``None``; keyword
     ``fields`` override it (``dfkd.distill(teacher="t.pt", method="fast", steps=200,
-    out="runs/x")``). ``resume=RUN_DIR`` continues an unfinished run from its own
-    ``config.yaml``; ``overwrite`` replaces a finished run in ``out``.
+    out="runs/x")``). ``resume=RUN_DIR`` completes an unfinished run from its own
+    ``config.yaml`` (continuing from ``state.pt``, or starting again if none was saved);
+    ``overwrite`` replaces a run (finished or not) in ``out``.
     """
     if resume:
-        config, has_state = resume_config(resume, DistillConfig)
+        config, _ = resume_config(resume, DistillConfig)
     else:
         base = config.to_dict() if isinstance(config, DistillConfig) else dict(config or {})
-        config, has_state = DistillConfig.from_layers(base, fields), False
+        config = DistillConfig.from_layers(base, fields)
+    config.validate()
     if not config.out:
         raise RunError("distill needs --out RUN_DIR")
     if not config.teacher:
@@ -31,5 +33,5 @@ def distill(config: DistillConfig | dict | None = None, *, resume: bool | str = 
         raise RunError(f"teacher {config.teacher}: no such file; give a checkpoint written by dfkd train-teacher "
                        "or dfkd import-weights")
     teacher, meta = load_checkpoint(config.teacher, map_location="cpu")
-    return execute(config, teacher, meta, resume=has_state, overwrite=overwrite, progress=progress,
+    return execute(config, teacher, meta, resume=bool(resume), overwrite=overwrite, progress=progress,
                    record={"teacher": str(config.teacher)}, command=command, say=say)

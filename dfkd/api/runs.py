@@ -1,15 +1,21 @@
 """One distillation run from a resolved config to a finished run directory.
 
-:func:`execute` is shared by :func:`dfkd.distill` and :func:`dfkd.amalgamate`: it prepares the
-run directory, builds the student and the synthesizer, runs the engine, then writes, in this
-order, ``student.pt``, ``samples.pt`` and the plots, ``summary.json`` and, last,
-``report.md``. A run is finished when ``report.md`` exists (:mod:`dfkd.engine.rundir`); a run
-killed before that is resumed with ``resume=True``, which completes whatever is missing.
+:func:`execute` is shared by :func:`dfkd.distill` and :func:`dfkd.amalgamate`. It checks the
+config, the method's options, the device and the memory a batch needs, and builds the
+student, the synthesizer and the evaluation data, all before it touches the run directory;
+then it holds the directory's :class:`~dfkd.engine.rundir.RunLock` for the whole run, runs the
+engine and writes, in this order, ``student.pt``, ``samples.pt`` and the plots,
+``summary.json`` and, last, ``report.md``. A run is finished when ``report.md`` exists
+(:mod:`dfkd.engine.rundir`); a run killed before that is resumed with ``resume=True``, which
+completes whatever is missing. A new run that fails before its first step leaves no
+directory behind if it created it (and only removes its own files from one that existed).
 """
 from __future__ import annotations
 
 import logging
 import math
+import os
+import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,21 +26,24 @@ from torch import nn
 
 from dfkd.api.config import RunConfig
 from dfkd.data import load_dataset
+from dfkd.engine import rundir
 from dfkd.engine.evaluation import EvalData
 from dfkd.engine.optim import StudentOptim
-from dfkd.engine.run import DistillationRun, RunOptions
+from dfkd.engine.run import DistillationRun, RunInterrupted, RunOptions
+from dfkd.engine.rundir import RunLock, clear_run_files, remove_stale_temps, run_status
 from dfkd.reporting.analysis import analyze_run
 from dfkd.reporting.report import write_report
 from generators import synthesizer_class
 from teachers import build_model, freeze, load_checkpoint
 from teachers.device import resolve_device, seed_everything
-from teachers.files import write_json, write_yaml
+from teachers.files import torch_save, write_error, write_json, write_yaml
 
 log = logging.getLogger("dfkd")
 
-#: the files of a run directory that a new run (``overwrite=True``) replaces
-RUN_FILES = ("summary.json", "state.pt", "metrics.csv", "synthesizer.pt", "student.pt", "report.md", "samples.pt",
-             "config.yaml")
+#: the files of a run directory (:data:`dfkd.engine.rundir.RUN_FILES`)
+RUN_FILES = rundir.RUN_FILES
+#: a batch needs at least this many times its images' bytes (activations and gradients)
+MEMORY_FACTOR = 16
 
 
 class RunError(ValueError):
@@ -57,40 +66,117 @@ class RunResult:
         return load_checkpoint(self.run_dir / "student.pt", map_location=map_location)
 
 
-def setup_logging(run_dir: Path) -> None:
-    """Log to ``run_dir/run.log`` (and nowhere else)."""
+class _RunLog(logging.FileHandler):
+    """``run.log``; a write it cannot make (a full disk) is dropped without the traceback
+    logging would print: the run's own writes report the disk."""
+
+    def handleError(self, record) -> None:
+        pass
+
+
+def setup_logging(run_dir: Path) -> logging.Handler:
+    """Log to ``run_dir/run.log`` (and nowhere else); returns the handler (close it at the end)."""
     root = logging.getLogger("dfkd")
     root.setLevel(logging.INFO)
     for handler in list(root.handlers):
         root.removeHandler(handler)
-    handler = logging.FileHandler(run_dir / "run.log", encoding="utf-8")
+        handler.close()
+    handler = _RunLog(run_dir / rundir.LOG, encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     root.addHandler(handler)
     root.propagate = False
+    return handler
 
 
-def prepare_run_dir(out: Path, overwrite: bool) -> None:
-    """Refuse to write into a directory that holds a run unless ``overwrite``; then clear it."""
-    if (out / "summary.json").exists() and not overwrite:
-        raise RunError(f"{out} already holds a finished run (summary.json); choose another --out, "
-                       f"or pass --overwrite to replace it, or --resume {out} to continue an unfinished one")
-    if overwrite and out.exists():
-        for name in RUN_FILES:
-            (out / name).unlink(missing_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
+def _close_logging(handler: logging.Handler | None) -> None:
+    if handler is not None:
+        logging.getLogger("dfkd").removeHandler(handler)
+        handler.close()
+
+
+def check_new_run_dir(out: Path, overwrite: bool) -> None:
+    """Refuse a new run into a directory that holds one (finished or not) unless ``overwrite``,
+    which deletes that run's files (:data:`dfkd.engine.rundir.OWNED_FILES`). Hold the lock."""
+    status = run_status(out)
+    if status in ("started", "training", "trained") and not overwrite:
+        raise RunError(f"{out} holds an unfinished run ({status}); continue it with --resume {out}, "
+                       "or pass --overwrite to replace it, or choose another --out")
+    if status == "finished" and not overwrite:
+        raise RunError(f"{out} already holds a finished run (report.md); choose another --out, "
+                       "or pass --overwrite to replace it")
+    if overwrite:
+        clear_run_files(out)
 
 
 def resume_config(run_dir, config_class: type[RunConfig]):
-    """The resolved config of an unfinished run and whether it has a state to resume from."""
+    """The saved config of the unfinished run in ``run_dir`` (:func:`dfkd.engine.rundir.run_status`:
+    finished, or no run at all, is refused) and whether it has a state to continue from
+    (training/trained; a started run restarts from its config)."""
     from dfkd.config import load_yaml
 
     run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").exists():
+    status = run_status(run_dir)
+    if status in ("missing", "empty"):
         raise RunError(f"--resume {run_dir}: no config.yaml there; is it a dfkd run directory?")
-    if (run_dir / "summary.json").exists():
-        raise RunError(f"--resume {run_dir}: the run already finished (summary.json exists)")
-    config = config_class.from_layers(load_yaml(run_dir / "config.yaml"), {"out": str(run_dir)})
-    return config, (run_dir / "state.pt").exists()
+    if status == "finished":
+        raise RunError(f"--resume {run_dir}: the run already finished (report.md exists); "
+                       "start a new run with another --out, or with --overwrite")
+    config = config_class.from_layers(load_yaml(run_dir / rundir.CONFIG), {"out": str(run_dir)})
+    return config, (run_dir / rundir.STATE).is_file()
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes of memory on ``device`` (the GPU's, else the machine's RAM), or None if unknown."""
+    try:
+        if device.type == "cuda":
+            return int(torch.cuda.get_device_properties(device).total_memory)
+        return int(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (AttributeError, ValueError, OSError, RuntimeError):
+        return None
+
+
+def check_memory(image_shape, options: dict, samples: int, device: torch.device) -> None:
+    """Refuse a run whose batches cannot fit in memory, before anything is allocated: a batch
+    needs at least ``MEMORY_FACTOR`` x its images' float32 bytes (image pools and the plot
+    samples their own bytes)."""
+    per_image = 4
+    for side in image_shape:
+        per_image *= int(side)
+    batch = max(int(options.get(key) or 0) for key in ("batch_size", "synthesis_batch_size"))
+    need = per_image * (batch * MEMORY_FACTOR + int(options.get("pool_size") or 0) + int(samples or 0))
+    have = available_memory(device)
+    if have is not None and need > have:
+        shape = "x".join(str(int(v)) for v in image_shape)
+        raise RunError(f"a batch of {batch:,} images of {shape} needs at least {need / 2**30:,.1f} GiB of memory, "
+                       f"more than the {have / 2**30:,.1f} GiB of {device}; lower batch_size "
+                       "(and options.synthesis_batch_size / options.pool_size)")
+
+
+def _missing_dirs(path: Path) -> list[Path]:
+    """``path`` and its ancestors that do not exist yet, deepest first."""
+    missing = []
+    while not path.exists() and path != path.parent:
+        missing.append(path)
+        path = path.parent
+    return missing
+
+
+def _remove_failed_start(out: Path, created: list[Path], wrote: list[str]) -> None:
+    """Undo a new run that failed before its first step: its directory if it made it (and the
+    empty parents it made), else only the files it wrote."""
+    if created:
+        shutil.rmtree(out, ignore_errors=True)
+        for parent in created[1:]:
+            try:
+                parent.rmdir()  # only if empty: another run may have started there meanwhile
+            except OSError:
+                break
+        return
+    for name in wrote:
+        try:
+            (out / name).unlink()
+        except OSError:
+            pass
 
 
 def load_bn_priors(paths, meta: dict, device) -> tuple[list, list[dict]]:
@@ -116,14 +202,18 @@ def load_bn_priors(paths, meta: dict, device) -> tuple[list, list[dict]]:
 
 
 def analyze(out: Path, teacher, student, synth, eval_data, meta, device, n_samples: int) -> dict:
-    """Plots and sample-quality metrics after a run (a failed plot never fails the run)."""
+    """Plots and sample-quality metrics after a run (a failed plot never fails the run; a
+    disk that cannot take them does: :class:`teachers.files.FileWriteError`)."""
     samples = synth.preview(n_samples).cpu()
-    torch.save(samples, out / "samples.pt")
+    torch_save(out / rundir.SAMPLES, samples)
     try:
         result = analyze_run(out, teacher, student, samples,
                              real_images=None if eval_data is None else eval_data.images,
                              real_labels=None if eval_data is None else eval_data.labels,
                              class_names=list(meta["class_names"]), device=device)
+    except OSError as exc:  # the disk, not the plot: the run cannot finish here
+        remove_stale_temps(out)
+        raise write_error(Path(getattr(exc, "filename", None) or out / "samples.png"), exc) from None
     except Exception as exc:  # plots are a report, not the result: keep the run
         log.exception("analysis failed")
         print(f"warning: plots/metrics failed: {exc}", file=sys.stderr)
@@ -153,28 +243,32 @@ def execute(config: RunConfig, teacher: nn.Module, meta: dict, *, resume: bool =
             summary_extras: SummaryExtras | None = None, real_images: torch.Tensor | None = None,
             record: dict | None = None, command: str | None = None, say: Callable[[str], None] = lambda text: None) -> RunResult:
     """Run ``config`` with ``teacher`` (a model or an ensemble, with its checkpoint-style
-    ``meta``) into ``config.out``; see the module docstring for what is written when."""
+    ``meta``) into ``config.out``; see the module docstring for what is written when.
+    ``resume=True`` continues the run in ``config.out`` (whose config ``config`` is)."""
     from generators import create_synthesizer
 
+    config.validate()
     cfg = config.to_dict()
     if not cfg["out"]:
         raise RunError("a run needs an output directory (--out RUN_DIR)")
     out = Path(cfg["out"])
-    synthesizer_class(cfg["method"])  # unknown method: error listing the known ones, before any work
-    if not resume:
-        prepare_run_dir(out, overwrite)
-    setup_logging(out)
+    if out.exists() and not out.is_dir():
+        raise RunError(f"--out {out} is a file, not a directory; choose another --out")
+    # everything that can be refused is refused before the run directory is touched
+    options = dict(cfg["options"])
+    if cfg["batch_size"]:
+        options["batch_size"] = cfg["batch_size"]
+    method = synthesizer_class(cfg["method"])  # unknown method: error listing the known ones
+    resolved = method.resolve_options(options)  # unknown options, wrong types
     seed_everything(cfg["seed"])
     device = resolve_device(cfg["device"])
+    check_memory(meta["image_shape"], resolved, cfg["samples"], device)
 
     teacher = freeze(teacher.to(device))
     classes = list(meta["classes"])
     channels, height, _ = meta["image_shape"]
     student = build_model(cfg["student"], len(classes), channels, height, meta["mean"], meta["std"]).to(device)
 
-    options = dict(cfg["options"])
-    if cfg["batch_size"]:
-        options["batch_size"] = cfg["batch_size"]
     if cfg["method"] == "real":  # the upper bound: KD on real, unlabeled training images
         if real_images is None:
             train = load_dataset(cfg["eval_dataset"] or meta["dataset"], "train", root=cfg["data_root"],
@@ -188,7 +282,6 @@ def execute(config: RunConfig, teacher: nn.Module, meta: dict, *, resume: bool =
     cfg["options"] = dict(synth.options)  # resolved: every method option with its value
     student_optim = StudentOptim.resolve(synth.student_recipe, cfg)
     cfg.update(student_optim.as_config())  # resolved: the student's optimiser as run
-    write_yaml(out / "config.yaml", cfg)
 
     eval_data = None
     if not cfg["no_eval"]:
@@ -199,27 +292,72 @@ def execute(config: RunConfig, teacher: nn.Module, meta: dict, *, resume: bool =
 
     student_meta = {k: meta[k] for k in ("dataset", "classes", "class_names", "mean", "std", "image_shape")}
     student_meta.update(seed=cfg["seed"], config=cfg, method=cfg["method"], **(record or {}))
-    run = DistillationRun(
-        teacher, student, synth, out,
-        RunOptions(steps=cfg["steps"], eval_every=cfg["eval_every"], log_every=cfg["log_every"],
-                   checkpoint_every=cfg["checkpoint_every"], progress=progress, seed=cfg["seed"],
-                   student_ema=float(cfg["student_ema"] or 0.0), student_optim=student_optim,
-                   extra_summary={"student": cfg["student"], "class_names": list(meta["class_names"]),
-                                  "device": str(device), **(record or {}),
-                                  **({"command": command} if command else {}),
-                                  **({"bn_priors": prior_records} if prior_records else {})}),
-        eval_data=eval_data, student_meta=student_meta, teacher_accuracy=meta.get("test_accuracy"), device=device,
-    )
-    if resume:
-        run.load_state()
-        say(f"resuming {out} at step {run.step}/{cfg['steps']}")
-    summary = run.run()
-    summary.update(analyze(out, teacher, student, synth, eval_data, meta, device, cfg["samples"]))
-    if summary_extras is not None:
-        summary.update(summary_extras(student, device))
-    write_json(out / "summary.json", json_safe(summary))
+    options = RunOptions(steps=cfg["steps"], eval_every=cfg["eval_every"], log_every=cfg["log_every"],
+                         checkpoint_every=cfg["checkpoint_every"], checkpoint_seconds=float(cfg["checkpoint_seconds"]),
+                         config=cfg, progress=progress, seed=cfg["seed"],
+                         student_ema=float(cfg["student_ema"] or 0.0), student_optim=student_optim,
+                         extra_summary={"student": cfg["student"], "class_names": list(meta["class_names"]),
+                                        "device": str(device), **(record or {}),
+                                        **({"command": command} if command else {}),
+                                        **({"bn_priors": prior_records} if prior_records else {})})
+
+    created = _missing_dirs(out)
+    lock = RunLock(out).acquire()  # for the whole run: a second process gets RunDirBusyError
+    handler, run, wrote = None, None, []
     try:
-        write_report(out)
-    except Exception as exc:  # pragma: no cover - the report reads what exists
-        print(f"warning: report failed: {exc}", file=sys.stderr)
-    return RunResult(out, summary)
+        status = run_status(out)
+        if resume:
+            if status == "finished":
+                raise RunError(f"--resume {out}: the run already finished (report.md exists)")
+            if status in ("missing", "empty"):
+                raise RunError(f"--resume {out}: no config.yaml there; is it a dfkd run directory?")
+            has_state = (out / rundir.STATE).is_file()
+            if not has_state:  # started (or its state was lost): start again from the saved config
+                clear_run_files(out, keep=(rundir.CONFIG,))
+        else:
+            check_new_run_dir(out, overwrite)
+            has_state = False
+        handler = setup_logging(out)
+        wrote.append(rundir.LOG)
+        if not has_state:
+            write_yaml(out / rundir.CONFIG, cfg)
+            wrote.append(rundir.CONFIG)
+        run = DistillationRun(teacher, student, synth, out, options, eval_data=eval_data, student_meta=student_meta,
+                              teacher_accuracy=meta.get("test_accuracy"), device=device)
+        if has_state:
+            run.load_state(config=cfg)
+            if run.step >= cfg["steps"]:
+                say(f"completing {out}: training had finished (step {run.step}); writing the student, analysis and report")
+            else:
+                say(f"resuming {out} at step {run.step}/{cfg['steps']}")
+        elif resume:
+            say(f"restarting {out} from its config.yaml (no state was saved)")
+        summary = run.run()
+        summary.update(analyze(out, teacher, student, synth, eval_data, meta, device, cfg["samples"]))
+        if summary_extras is not None:
+            summary.update(summary_extras(student, device))
+        write_json(out / rundir.SUMMARY, json_safe(summary))
+        try:
+            write_report(out)  # last: report.md means finished
+        except BaseException as exc:
+            remove_stale_temps(out)
+            error = write_error(out / rundir.REPORT, exc)
+            if error is not None:
+                raise error from None
+            raise
+        return RunResult(out, summary)
+    except BaseException as exc:
+        _close_logging(handler)
+        handler = None
+        before_first_step = run is None or (run.step == 0 and run.saved_step is None)
+        if not resume and before_first_step:
+            _remove_failed_start(out, created, wrote)
+            if isinstance(exc, RunInterrupted):  # nothing to resume: a plain interrupt
+                raise KeyboardInterrupt from None
+            raise
+        if isinstance(exc, KeyboardInterrupt) and not isinstance(exc, RunInterrupted):
+            raise RunInterrupted(out, run.saved_step if run is not None else None) from None
+        raise
+    finally:
+        _close_logging(handler)
+        lock.release()

@@ -36,7 +36,7 @@ def train_teacher(config: TeacherConfig | dict | None = None, *, progress: bool 
     """Train ``config.arch`` on ``config.dataset`` with labels and write ``config.out``
     (``dfkd.train_teacher(dataset="digits", arch="lenet5_bn", epochs=5, out="t.pt")``)."""
     base = config.to_dict() if isinstance(config, TeacherConfig) else dict(config or {})
-    config = TeacherConfig.from_layers(base, fields)
+    config = TeacherConfig.from_layers(base, fields).validate()
     cfg = config.to_dict()
     if not cfg["out"]:
         raise RunError("train-teacher needs --out PATH.pt (where to write the teacher checkpoint)")

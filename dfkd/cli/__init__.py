@@ -4,6 +4,11 @@
 Every subcommand's ``--help`` lists its options with their defaults. Commands that run
 jobs accept ``--config FILE.yaml`` and trailing ``key=value`` overrides. Each subcommand
 lives in its own module with an ``add_parser`` (or ``add_parsers``) and a ``run(args)``.
+
+Errors are one line on stderr, never a traceback (``DFKD_DEBUG=1`` shows it): exit 2 for
+what the user can fix (bad flags or configs, untrusted files, a full or read-only disk, a
+directory in use), 3 for a run that had to stop (a non-finite loss), 130 for Ctrl-C (the
+message names the ``--resume`` command), 1 for a bug.
 """
 from __future__ import annotations
 
@@ -13,7 +18,8 @@ import sys
 
 from dfkd.cli import amalgamate, demo, distill, plot, teacher, zoo
 from dfkd.cli.common import CLIError
-from dfkd.engine.run import DistillationError
+from dfkd.engine.run import DistillationError, RunInterrupted
+from teachers.files import FileWriteError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,6 +32,20 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_parser(sub)
     demo.add_parser(sub)
     return parser
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception's message on one line (a multi-line message's lines joined with "; ")."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return "; ".join(lines) or type(exc).__name__
+
+
+def _os_error(exc: OSError) -> str:
+    if isinstance(exc, FileWriteError):
+        return one_line(exc)
+    where = exc.filename if exc.filename is not None else ""
+    what = exc.strerror or one_line(exc)
+    return (f"{where}: " if where else "") + f"{what}; check the path, its permissions and the disk, then retry"
 
 
 def main(argv=None) -> int:
@@ -42,21 +62,47 @@ def main(argv=None) -> int:
         parser.print_help()
         return 1
     debug = bool(os.environ.get("DFKD_DEBUG"))
+    prefix = f"dfkd {args.command}: error:"
     try:
         return args.func(args)
     except CLIError as exc:
-        print(f"dfkd {args.command}: error: {exc}", file=sys.stderr)
+        print(f"{prefix} {one_line(exc)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted; resume with --resume RUN_DIR", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        if debug:
+            raise
+        if isinstance(exc, RunInterrupted):
+            print(f"interrupted; resume with dfkd {args.command} --resume {exc.run_dir}", file=sys.stderr)
+        else:
+            print("interrupted", file=sys.stderr)
         return 130
+    except DistillationError as exc:  # the run stopped (non-finite loss, unusable state)
+        if debug:
+            raise
+        print(f"{prefix} {one_line(exc)}", file=sys.stderr)
+        return 3
     except ValueError as exc:  # the package's own user-facing errors derive from ValueError
         if debug:
             raise
-        print(f"dfkd {args.command}: error: {exc}", file=sys.stderr)
+        print(f"{prefix} {one_line(exc)}", file=sys.stderr)
         return 2
-    except DistillationError as exc:
+    except OSError as exc:  # a file that cannot be written (FileWriteError: disk full, read-only ...) or read
         if debug:
             raise
-        print(f"dfkd {args.command}: error: {exc}", file=sys.stderr)
-        return 3
+        print(f"{prefix} {_os_error(exc)}", file=sys.stderr)
+        return 2
+    except MemoryError:
+        if debug:
+            raise
+        print(f"{prefix} out of memory; lower batch_size (or options.synthesis_batch_size)", file=sys.stderr)
+        return 2
+    except Exception as exc:  # a bug: still one line; DFKD_DEBUG=1 shows the traceback
+        if debug:
+            raise
+        if isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower():  # torch.OutOfMemoryError
+            print(f"{prefix} out of memory on the device; lower batch_size (or options.synthesis_batch_size)",
+                  file=sys.stderr)
+            return 2
+        print(f"{prefix} internal error: {type(exc).__name__}: {one_line(exc)[:500]} "
+              "(rerun with DFKD_DEBUG=1 for the traceback)", file=sys.stderr)
+        return 1

@@ -75,7 +75,9 @@ def add_run_arguments(p) -> None:
     p.add_argument("--no-eval", action="store_true", default=None, help="skip evaluation on real test data")
     p.add_argument("--eval-every", type=int, help="evaluate every N steps (default 0: only at the end)")
     p.add_argument("--log-every", type=int, help="log loss terms every N steps (default 50)")
-    p.add_argument("--checkpoint-every", type=int, help="save resumable state every N steps (default 0: at the end)")
+    p.add_argument("--checkpoint-every", type=int, help="also save resumable state every N steps (default 0: by time only)")
+    p.add_argument("--checkpoint-seconds", type=float, help="save resumable state at most this many seconds apart, at "
+                                                            "round ends (default 300; 0: only at the end and on Ctrl-C)")
     p.add_argument("--student-ema", type=float, help="keep a moving average of the student's weights with this decay "
                                                      "(e.g. 0.999) and deliver it (default 0: off)")
     p.add_argument("--samples", type=int, help="synthesized images kept for plots (default 512)")
@@ -93,8 +95,9 @@ def add_run_arguments(p) -> None:
             p.add_argument(name, action="store_true", default=None, help=text)
         else:
             p.add_argument(name, type=kind, help=text + " (default: the method's)")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue a killed run from its last checkpoint")
-    p.add_argument("--overwrite", action="store_true", help="replace a finished run in --out")
+    p.add_argument("--resume", metavar="RUN_DIR", help="complete a killed or interrupted run from its last saved state "
+                                                       "(with the run's own config.yaml)")
+    p.add_argument("--overwrite", action="store_true", help="replace the run (finished or not) in --out")
 
 
 def print_summary(summary: dict, out) -> None:

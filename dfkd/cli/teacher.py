@@ -53,9 +53,14 @@ def add_parsers(sub) -> None:
     p.set_defaults(func=run_import)
 
 
-def run_train_teacher(args) -> int:
+def teacher_config(args) -> TeacherConfig:
+    """Defaults < --config file < flags < key=value overrides (explicit zeros are kept)."""
     layers = [load_yaml(args.config) if args.config else {}, given(args, _DEFAULTS), parse_overrides(args.overrides)]
-    result = train_teacher(TeacherConfig.from_layers(*layers), progress=not args.quiet, say=sayer(args))
+    return TeacherConfig.from_layers(*layers)
+
+
+def run_train_teacher(args) -> int:
+    result = train_teacher(teacher_config(args), progress=not args.quiet, say=sayer(args))
     print(f"test accuracy {result.test_accuracy:.4f} ({result.dataset}, {result.test_images} test images) "
           f"in {result.seconds:.1f}s -> {result.path}")
     return 0
