@@ -188,8 +188,13 @@ class AmalgamateConfig(RunConfig):
     (``dfkd.amalgamate``)."""
 
     zoo: Any = None
-    combine: str = "mean_prob"
+    # "auto": chosen from the members' class sets (dfkd.multi.combine.resolve_combine); a run's
+    # config.yaml records the resolved name
+    combine: str = "auto"
     combine_options: dict = field(default_factory=dict)
+    # "auto", "per-member" or "shared" (dfkd.multi.per_member); config.yaml records the resolved one
+    synthesis: str = "auto"
+    synthesis_options: dict = field(default_factory=dict)  # per-member settings (dfkd.multi.per_member.DEFAULTS)
     features: Any = None
     layers: Any = None
     feature_weight: float = 1.0
