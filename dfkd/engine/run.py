@@ -29,6 +29,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -157,8 +158,10 @@ class DistillationRun:
         refuse (:class:`ResumeError`) a config that differs from the one the state was saved
         with, except in :data:`dfkd.engine.rundir.RESUME_FREE_KEYS`."""
         try:
-            state = torch.load(self.state_path, map_location=self.device, weights_only=True)
-        except Exception as exc:  # corrupt or foreign file
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="Detected pickle protocol")
+                state = torch.load(self.state_path, map_location=self.device, weights_only=True)
+        except Exception as exc:  # corrupt, foreign or hostile file (weights_only never runs its code)
             detail = " ".join(str(exc).split())[:200]
             raise DistillationError(f"cannot resume from {self.state_path}: it is truncated or not a run state "
                                     f"({type(exc).__name__}: {detail})") from None
