@@ -1,0 +1,156 @@
+"""Several processes through torch's own distributed engine (``torchrun``), never one of ours.
+
+``torchrun --nproc_per_node=N -m dfkd distill ...`` sets ``RANK``, ``WORLD_SIZE`` and
+``LOCAL_RANK``; :func:`init_from_env` then joins the process group (NCCL on CUDA, gloo on the
+CPU) and gives each rank its device. The contract of a distributed run:
+
+- every rank synthesizes its own share of the images, seeded by rank (:func:`rank_seed`);
+- the student is wrapped in ``DistributedDataParallel``, so its weights stay identical on
+  every rank; each rank's student batch is ``batch_size / world_size`` images
+  (:func:`per_rank_batch` refuses a batch the world size does not divide, naming the nearest
+  valid sizes), so the global batch is the one a single process uses;
+- rank 0 alone writes the run directory; evaluation is sharded and reduced
+  (:func:`shard`, :func:`all_gather_cat`); counts are summed over ranks (:func:`sum_int`).
+
+With one process (no torchrun) every function here is the identity and nothing is imported
+from ``torch.distributed`` beyond availability checks.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+class DistributedError(ValueError):
+    """A distributed setting that cannot work (batch not divisible, another world size ...)."""
+
+
+@dataclass(frozen=True)
+class World:
+    """Where this process stands: its rank, the number of processes and its device."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+SINGLE = World()
+
+
+def launched_by_torchrun() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and "RANK" in os.environ
+
+
+def init_from_env(device: torch.device) -> tuple[World, torch.device]:
+    """Join the process group torchrun describes (if any) and return this rank's world and
+    device (``cuda:LOCAL_RANK`` on CUDA, the given device otherwise)."""
+    if not launched_by_torchrun():
+        return SINGLE, device
+    world = World(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", "0")))
+    if device.type == "cuda":
+        device = torch.device("cuda", world.local_rank)
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return world, device
+
+
+def shutdown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def rank_seed(seed: int, world: World) -> int:
+    """The seed of a rank's own draws (synthesis): rank 0 keeps ``seed``."""
+    return int(seed) + 1_000_003 * world.rank
+
+
+def per_rank_batch(batch_size: int, world: World, what: str = "batch_size") -> int:
+    """``batch_size / world_size``, refused with the nearest valid sizes when not a whole number."""
+    if batch_size % world.world_size == 0:
+        return batch_size // world.world_size
+    low = batch_size - batch_size % world.world_size
+    high = low + world.world_size
+    nearest = " or ".join(str(v) for v in (low, high) if v > 0)
+    raise DistributedError(f"{what} {batch_size} cannot be split over {world.world_size} processes; "
+                           f"use a multiple of {world.world_size}, e.g. {nearest}")
+
+
+def shard(count: int, world: World) -> slice:
+    """This rank's contiguous share of ``count`` items (the shares cover every item once)."""
+    per = -(-count // world.world_size)
+    start = min(count, world.rank * per)
+    return slice(start, min(count, start + per))
+
+
+def all_gather_cat(tensor: torch.Tensor, world: World) -> torch.Tensor:
+    """The ranks' tensors (of possibly different lengths) concatenated in rank order."""
+    if not world.distributed:
+        return tensor
+    size = torch.tensor([tensor.shape[0]], device=tensor.device)
+    sizes = [torch.zeros_like(size) for _ in range(world.world_size)]
+    dist.all_gather(sizes, size)
+    longest = int(max(int(s) for s in sizes))
+    padded = torch.zeros((longest, *tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device)
+    padded[: tensor.shape[0]] = tensor
+    gathered = [torch.zeros_like(padded) for _ in range(world.world_size)]
+    dist.all_gather(gathered, padded)
+    return torch.cat([g[: int(s)] for g, s in zip(gathered, sizes)])
+
+
+def sum_int(value: int, world: World) -> int:
+    """An integer count summed over the ranks."""
+    if not world.distributed:
+        return int(value)
+    total = torch.tensor([int(value)], dtype=torch.long)
+    dist.all_reduce(total)
+    return int(total)
+
+
+class _SumOverRanks(torch.autograd.Function):
+    """``all_reduce(SUM)`` forward; the gradient passes through unchanged. A loss built on the
+    sum is the same on every rank, so each rank already holds the whole ``dL/dsum`` and its
+    own share's gradient is exactly that (an all-reduce backward would count it once per rank)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        total = x.clone()
+        dist.all_reduce(total)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+def global_mean_var(x: torch.Tensor, dims: list[int], world: World) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and (biased) variance of ``x`` over ``dims`` and over every rank's batch. Gradients
+    reach each rank's own images and equal those of one process holding every batch (see
+    :class:`_SumOverRanks`). With one process, ``torch.var_mean``."""
+    if not world.distributed:
+        var, mean = torch.var_mean(x, dim=dims, unbiased=False)
+        return mean, var
+    count = torch.full((1,), float(x.numel() // x.shape[1]), device=x.device, dtype=x.dtype)
+    sums = _SumOverRanks.apply(torch.cat([count, x.sum(dims), (x * x).sum(dims)]))
+    total, channels = sums[0], x.shape[1]
+    mean = sums[1 : 1 + channels] / total
+    return mean, sums[1 + channels :] / total - mean * mean
+
+
+def wrap_student(student: nn.Module, world: World, device: torch.device) -> nn.Module:
+    """The student as the engine trains it: DistributedDataParallel across ranks, else itself."""
+    if not world.distributed:
+        return student
+    return nn.parallel.DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None)
