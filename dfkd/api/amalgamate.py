@@ -17,6 +17,7 @@ from dfkd.api.runs import RunError, RunResult, execute, resume_config
 from dfkd.data import list_datasets, load_dataset
 from dfkd.engine.evaluation import match_rate, predict
 from dfkd.multi.ensemble import TeacherEnsemble, adapt_input
+from dfkd.multi.per_member import PerMemberSynthesizer, resolve_synthesis
 from dfkd.multi.synthesizer import AmalgamationSynthesizer
 from generators import create_synthesizer, synthesizer_class
 
@@ -70,6 +71,13 @@ def amalgamate(config: AmalgamateConfig | dict | None = None, *, resume: bool | 
 
     ensemble = TeacherEnsemble.from_zoo(cfg.zoo, combine=cfg.combine, combine_options=cfg.combine_options,
                                         class_map=cfg.class_map, allow_mixed=cfg.allow_mixed)
+    if cfg.combine == "auto":  # config.yaml records what auto resolved to
+        cfg = cfg.replace(combine=ensemble.combiner.name)
+        say(f"combine auto -> {cfg.combine}: {ensemble.combine_reason}")
+    synthesis, why = resolve_synthesis(cfg.synthesis, cfg.method, len(ensemble), cfg.synthesis_options)
+    if synthesis != cfg.synthesis:
+        cfg = cfg.replace(synthesis=synthesis)
+        say(f"synthesis auto -> {synthesis}: {why}")
     meta = ensemble.meta()
     dataset = cfg.dataset or meta["dataset"]
     needs_data = cfg.method == "real" or not cfg.no_eval
@@ -98,17 +106,23 @@ def amalgamate(config: AmalgamateConfig | dict | None = None, *, resume: bool | 
             real_images = real_images[keep]
 
     def make_synthesizer(name, teacher, **kwargs):
-        inner = create_synthesizer(name, teacher, **kwargs)
+        if cfg.synthesis == "per-member":  # every member inverts itself (dfkd.multi.per_member)
+            inner = PerMemberSynthesizer(name, teacher, settings=cfg.synthesis_options, **kwargs)
+        else:
+            inner = create_synthesizer(name, teacher, **kwargs)
         return AmalgamationSynthesizer(inner, teacher, combine=cfg.combine, combine_options=cfg.combine_options,
                                        features=cfg.features, layers=cfg.layers, feature_weight=cfg.feature_weight,
                                        feature_options=cfg.feature_options, student_loss=cfg.student_loss)
 
     def summary_extras(student, device) -> dict:
         extras = dict(zoo=str(cfg.zoo), combine=cfg.combine, combine_options=cfg.combine_options,
+                      synthesis=cfg.synthesis, synthesis_options=cfg.synthesis_options,
                       features=cfg.features, layers=cfg.layers, ensemble_accuracy=meta["test_accuracy"],
                       union_classes=list(meta["classes"]))
         if not cfg.no_eval:
             extras["teachers"] = member_report(ensemble, student.eval(), cfg.data_root, device)
+            if hasattr(ensemble.combiner, "calibration"):  # calibrated on the run's transfer images
+                extras["ensemble_accuracy_calibrated"] = _accuracy(ensemble.eval(), test.images, test.labels, device)
         return extras
 
     return execute(cfg, ensemble, meta, resume=bool(resume), overwrite=overwrite, progress=progress,

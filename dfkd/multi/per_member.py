@@ -63,7 +63,8 @@ from generators.base import (
 from teachers.device import autocast
 
 __all__ = ["PER_MEMBER_METHODS", "OTHER_LOGIT", "MemberBatch", "MemberTeacher", "MemberView", "OriginPool",
-           "PerMemberSynthesizer", "split_budget", "member_target", "member_losses", "check_per_member"]
+           "PerMemberSynthesizer", "split_budget", "member_target", "member_losses", "check_per_member",
+           "check_settings", "resolve_synthesis", "SYNTHESIS_MODES", "DEFAULTS"]
 
 #: the methods whose synthesis can be split by member: they invert a teacher's own BatchNorm
 #: statistics and classes into a bank of images
@@ -228,13 +229,7 @@ class PerMemberSynthesizer(Synthesizer):
     def __init__(self, method: str, ensemble: TeacherEnsemble, image_shape, num_classes: int, device="cpu",
                  seed: int = 0, bn_priors=(), settings: dict | None = None, **options):
         check_per_member(method)
-        unknown = sorted(set(settings or {}) - set(DEFAULTS))
-        if unknown:
-            raise SynthesizerOptionError(f"unknown per-member setting(s) {', '.join(unknown)}; known: "
-                                         f"{', '.join(DEFAULTS)}")
-        self.settings = {**DEFAULTS, **(settings or {})}
-        if not 0.0 < float(self.settings["origin_prior"]) <= 1.0:
-            raise SynthesizerOptionError(f"origin_prior must be in (0, 1], got {self.settings['origin_prior']}")
+        self.settings = check_settings(settings)
         cls = synthesizer_class(method)
         resolved = cls.resolve_options(options)
         if self.settings["cache_targets"] and resolved.get("student_mixup"):
@@ -410,3 +405,41 @@ def member_losses(student_logits: torch.Tensor, target: torch.Tensor, origin: to
         hard = (student_out & target_in).float()
         losses["negatives"] = negative_weight * (hard * -in_origin).mean()
     return losses
+
+
+SYNTHESIS_MODES = ("auto", "per-member", "shared")
+
+
+def check_settings(settings: dict | None) -> dict:
+    """The per-member settings over :data:`DEFAULTS`; an unknown key or an ``origin_prior``
+    outside ``(0, 1]`` is a one-line error."""
+    unknown = sorted(set(settings or {}) - set(DEFAULTS))
+    if unknown:
+        raise SynthesizerOptionError(f"unknown per-member setting(s) {', '.join(unknown)}; known: {', '.join(DEFAULTS)}")
+    merged = {**DEFAULTS, **(settings or {})}
+    if not 0.0 < float(merged["origin_prior"]) <= 1.0:
+        raise SynthesizerOptionError(f"origin_prior must be in (0, 1], got {merged['origin_prior']}")
+    if float(merged["negative_weight"]) < 0:
+        raise SynthesizerOptionError(f"negative_weight must be 0 or more, got {merged['negative_weight']}")
+    return merged
+
+
+def resolve_synthesis(requested: str, method: str, members: int, settings: dict | None = None) -> tuple[str, str]:
+    """``"per-member"`` or ``"shared"`` for a run's ``synthesis`` setting, and why. ``"auto"``:
+    per-member for a zoo of several members with a method of :data:`PER_MEMBER_METHODS`
+    (on the Fashion-MNIST zoos it beats shared synthesis, docs/experiments.md), shared
+    otherwise (one member, real images, generator methods). An explicit ``"per-member"`` for
+    a method it does not apply to is refused (:func:`check_per_member`)."""
+    if requested not in SYNTHESIS_MODES:
+        raise SynthesizerOptionError(f"unknown synthesis {requested!r}; use one of: {', '.join(SYNTHESIS_MODES)}")
+    check_settings(settings)
+    if requested == "per-member":
+        check_per_member(method)
+        return "per-member", "asked for"
+    if requested == "shared":
+        return "shared", "asked for"
+    if members < 2:
+        return "shared", "one member"
+    if method not in PER_MEMBER_METHODS:
+        return "shared", f"method {method!r} cannot be split by member"
+    return "per-member", f"{members} members, method {method!r}"
