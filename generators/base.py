@@ -26,7 +26,7 @@ from dfkd.core.bn import BNStatisticsHook
 from dfkd.core.losses import kd_loss
 from dfkd.core.options import check_type
 from generators.priors import BNPriors
-from teachers.device import autocast
+from teachers.device import autocast, check_precision
 from teachers.registry import Registry
 
 #: run settings that are not method options (the engine owns the student's optimiser)
@@ -282,8 +282,9 @@ class Synthesizer:
     uses_bn_statistics = False
 
     def __init__(self, teacher: nn.Module, image_shape, num_classes: int, device="cpu", seed: int = 0,
-                 bn_priors: Sequence[nn.Module] = (), **options):
+                 bn_priors: Sequence[nn.Module] = (), precision: str = "auto", **options):
         self.teacher = teacher
+        self.precision = check_precision(precision)
         self.bn_prior_models = list(bn_priors or ())
         if self.bn_prior_models and not self.uses_bn_statistics:
             users = ", ".join(n for n in list_synthesizers() if synthesizer_class(n).uses_bn_statistics)
@@ -328,8 +329,8 @@ class Synthesizer:
 
     # -- helpers ---------------------------------------------------------------------------
     def autocast(self):
-        """The package's precision policy on this synthesizer's device (:func:`teachers.device.autocast`)."""
-        return autocast(self.device)
+        """The run's precision on this synthesizer's device (:func:`teachers.device.autocast`)."""
+        return autocast(self.device, self.precision)
 
     def build_bn_priors(self, momentum: float = 0.0, first_layer_weight: float = 1.0) -> BNPriors:
         """The hooks of this run's ``bn_priors`` (:class:`generators.priors.BNPriors`), with

@@ -3,7 +3,8 @@ seeded, when forward passes run in mixed precision, and batched inference under 
 
 - ``resolve_device("auto")`` picks CUDA, then MPS, then the CPU; a named device that this
   machine lacks, or a name that is not a device, is a :class:`DeviceError` saying what to use.
-- ``autocast(device)``: bf16 autocast on CUDA, full precision elsewhere.
+- ``autocast(device, precision)``: ``auto`` is bf16 autocast on CUDA and full precision
+  elsewhere; ``fp32``, ``bf16`` and ``fp16`` choose explicitly (fp16 wants a gradient scaler).
 - ``batched_logits(model, images, device)``: the model's logits on many images, in batches,
   under that autocast, returned as float32 on the CPU (evaluation, analysis, reports).
 """
@@ -61,15 +62,36 @@ def seed_everything(seed: int) -> None:
         pass
 
 
-def autocast(device: torch.device | str):
-    """bf16 autocast on CUDA, full precision elsewhere (the policy every forward pass uses)."""
-    if torch.device(device).type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def check_precision(precision: str) -> str:
+    if precision not in PRECISIONS:
+        raise DeviceError(f"--precision {precision}: use one of {', '.join(PRECISIONS)}")
+    return precision
+
+
+def autocast_dtype(device: torch.device | str, precision: str = "auto") -> torch.dtype | None:
+    """The autocast dtype of ``precision`` on ``device``: ``auto`` is bf16 on CUDA and full
+    precision elsewhere; ``fp32`` is full precision; ``bf16``/``fp16`` are those on any device
+    (``None``: no autocast)."""
+    check_precision(precision)
+    if precision == "auto":
+        return torch.bfloat16 if torch.device(device).type == "cuda" else None
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def autocast(device: torch.device | str, precision: str = "auto"):
+    """Mixed precision of forward passes under the policy (:func:`autocast_dtype`)."""
+    dtype = autocast_dtype(device, precision)
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=dtype)
 
 
 @torch.no_grad()
-def batched_logits(model: nn.Module, images: torch.Tensor, device, batch_size: int = 1000) -> torch.Tensor:
+def batched_logits(model: nn.Module, images: torch.Tensor, device, batch_size: int = 1000,
+                   precision: str = "auto") -> torch.Tensor:
     """``model``'s logits on ``images`` (``N x C x H x W`` in [0, 1], any device), ``batch_size``
     at a time on ``device`` under :func:`autocast`, as float32 on the CPU. The model runs in
     eval mode and gets its train/eval mode back afterwards."""
@@ -82,7 +104,7 @@ def batched_logits(model: nn.Module, images: torch.Tensor, device, batch_size: i
             batch = images[start : start + batch_size].to(device, non_blocking=True).float()
             if device.type == "cuda":
                 batch = batch.contiguous(memory_format=torch.channels_last)
-            with autocast(device):
+            with autocast(device, precision):
                 out.append(model(batch).float().cpu())
     finally:
         model.train(was_training)
