@@ -6,6 +6,9 @@
         --combine entropy_weighted [--combine-opt tau=0.5] \\
         [--features cfl --layers relu3:digits_a.relu3,relu3:digits_b.relu3] \\
         --steps 1000 --out runs/amal
+
+    dfkd amalgamate --zoo zoo.yaml --method fast --synthesis per-member \\
+        [--synthesis-opt origin_prior=0.9 --synthesis-opt cache_targets=true] --out runs/amal
 """
 from __future__ import annotations
 
@@ -13,7 +16,7 @@ from dfkd.api import AmalgamateConfig, amalgamate
 from dfkd.cli.common import add_common, add_run_arguments, command_line, formatter, print_summary, run_layers, sayer
 from dfkd.config import ConfigError, parse_value
 
-_OWN_FLAGS = ("zoo", "combine", "features", "layers", "feature_weight", "student_loss", "dataset", "allow_mixed",
+_OWN_FLAGS = ("zoo", "combine", "synthesis", "features", "layers", "feature_weight", "student_loss", "dataset", "allow_mixed",
               "real_limit")
 
 
@@ -28,10 +31,19 @@ def add_parser(sub) -> None:
     p.add_argument("--zoo", help="zoo manifest (zoo.yaml, see dfkd zoo build)")
     p.add_argument("--student", help="student architecture (default lenet5_half)")
     p.add_argument("--method", help="dafl, deepinversion, zskt, dfad, fast, real (default dafl)")
-    p.add_argument("--combine", help="logit combiner: mean_prob, mean_logits, weighted, entropy_weighted, least_ambiguous, "
-                                     "noisy, pate, concat, uhc (dfkd.multi.combine.list_combiners(); default mean_prob)")
+    p.add_argument("--combine", help="logit combiner: auto, calibrated_concat, group_share, mean_prob, mean_logits, weighted, "
+                                     "entropy_weighted, least_ambiguous, noisy, pate, concat, uhc "
+                                     "(dfkd.multi.combine.list_combiners(); default auto: calibrated_concat for disjoint "
+                                     "class sets, uhc for overlapping ones that connect every member)")
     p.add_argument("--combine-opt", action="append", default=[], metavar="KEY=VALUE",
                    help="combiner option, repeatable (e.g. tau=0.5, weights=[1,2], sigma=0.1, epsilon=1)")
+    p.add_argument("--synthesis", choices=["auto", "per-member", "shared"],
+                   help="per-member: each member inverts its own BN statistics and classes, each image keeps its "
+                        "origin (fast, deepinversion); shared: the zoo drives one synthesizer (default auto: "
+                        "per-member where it applies)")
+    p.add_argument("--synthesis-opt", action="append", default=[], metavar="KEY=VALUE",
+                   help="per-member setting, repeatable: origin_prior, negative_weight, cross_member, balance, "
+                        "cache_targets (dfkd.multi.per_member)")
     p.add_argument("--features", help="feature amalgamation: cfl, layerwise_ae, hint or attention (default: none)")
     p.add_argument("--layers", help="layer pairs student_path:member.path,... (default: last blocks)")
     p.add_argument("--feature-weight", type=float, help="weight of the feature terms (default 1)")
@@ -49,16 +61,17 @@ def add_parser(sub) -> None:
 def amalgamate_config(args) -> AmalgamateConfig:
     """Defaults < --config file < flags < key=value overrides; ``--combine-opt`` flags win
     over the file's ``combine_options`` key by key."""
-    keys = [k for k in AmalgamateConfig.defaults() if k not in ("options", "combine_options")]
+    keys = [k for k in AmalgamateConfig.defaults() if k not in ("options", "combine_options", "synthesis_options")]
     file_layer, flags, overrides = run_layers(args, keys)
-    combine_options = {}
-    for item in getattr(args, "combine_opt", None) or []:
-        if "=" not in item:
-            raise ConfigError(f"--combine-opt {item!r} is not of the form key=value")
-        key, text = item.split("=", 1)
-        combine_options[key.strip()] = parse_value(text)
-    if combine_options:
-        flags["combine_options"] = {**(file_layer.get("combine_options") or {}), **combine_options}
+    for flag, key in (("combine_opt", "combine_options"), ("synthesis_opt", "synthesis_options")):
+        given = {}
+        for item in getattr(args, flag, None) or []:
+            if "=" not in item:
+                raise ConfigError(f"--{flag.replace('_', '-')} {item!r} is not of the form key=value")
+            name, text = item.split("=", 1)
+            given[name.strip()] = parse_value(text)
+        if given:
+            flags[key] = {**(file_layer.get(key) or {}), **given}
     return AmalgamateConfig.from_layers(file_layer, flags, overrides)
 
 
