@@ -80,7 +80,36 @@ def test_errors_are_reported_before_any_work(digits_zoo, tmp_path, capsys):
     assert main(["amalgamate", "--zoo", str(digits_zoo), "--method", "magic", "--out", str(tmp_path / "r"),
                  "--quiet"]) == 2
     assert "known methods" in capsys.readouterr().err
-    assert not (tmp_path / "r" / "summary.json").exists()
+    assert main(["amalgamate", "--zoo", str(digits_zoo), "--steps", "0", "--out", str(tmp_path / "r"), "--quiet"]) == 2
+    assert "steps must be at least 1, got 0" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()  # a run refused before its first step leaves no folder
+
+
+def test_amalgamate_resume_completes_and_ctrl_c_names_amalgamate(digits_zoo, tmp_path, capsys, monkeypatch):
+    import dfkd.cli.amalgamate as command
+    from dfkd.engine.run import RunInterrupted
+    from dfkd.engine.rundir import run_status
+
+    out = tmp_path / "r"
+    argv = ["amalgamate", "--zoo", str(digits_zoo), "--method", "real", "--combine", "concat", "--steps", "4",
+            "--batch-size", "16", "--no-eval", "--device", "cpu", "--out", str(out), "--quiet", "samples=16"]
+    assert main(argv) == 0
+    student = torch.load(out / "student.pt", weights_only=True)["state_dict"]
+    (out / "report.md").unlink()  # killed between training and the report
+    (out / "summary.json").unlink()
+    assert main(argv) == 2 and f"--resume {out}" in capsys.readouterr().err  # a new run is refused
+    assert main(["amalgamate", "--resume", str(out), "--quiet"]) == 0
+    assert run_status(out) == "finished" and json.loads((out / "summary.json").read_text())["zoo"] == str(digits_zoo)
+    again = torch.load(out / "student.pt", weights_only=True)["state_dict"]
+    assert all(torch.equal(student[k], again[k]) for k in student)
+
+    def interrupted(*args, **kwargs):
+        raise RunInterrupted(out, 2)
+
+    monkeypatch.setattr(command, "amalgamate", interrupted)
+    capsys.readouterr()
+    assert main(argv + ["--overwrite"]) == 130
+    assert capsys.readouterr().err == f"interrupted; resume with dfkd amalgamate --resume {out}\n"
 
 
 @pytest.mark.slow

@@ -78,6 +78,22 @@ def test_failed_save_keeps_old_file_and_no_temp(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["t.pt"] and sha256_file(tmp_path / "t.pt") == before
 
 
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_save_refuses_non_finite_weights_and_writes_nothing(tmp_path, value):
+    model = _model()
+    save_checkpoint(tmp_path / "t.pt", model, _meta())
+    before = sha256_file(tmp_path / "t.pt")
+    with torch.no_grad():
+        model.net.conv1.weight[0, 0, 0, 0] = value
+    with pytest.raises(CheckpointError, match=r"refusing to save .*t\.pt: tensor 'net\.conv1\.weight' holds NaN/inf") as err:
+        save_checkpoint(tmp_path / "t.pt", model, _meta())
+    assert "\n" not in str(err.value)
+    assert sorted(os.listdir(tmp_path)) == ["t.pt"] and sha256_file(tmp_path / "t.pt") == before
+    with pytest.raises(CheckpointError, match="NaN/inf"):
+        save_checkpoint(tmp_path / "new.pt", model, _meta())
+    assert not (tmp_path / "new.pt").exists()
+
+
 def test_missing_meta_keys(tmp_path):
     meta = _meta()
     del meta["classes"], meta["seed"]

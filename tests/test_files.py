@@ -129,6 +129,28 @@ def test_path_component_is_a_file_or_target_is_a_directory(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["adir", "afile"] and not os.listdir(tmp_path / "adir")
 
 
+def test_make_dirs_and_write_error_are_one_line(tmp_path):
+    from teachers.files import make_dirs, write_error
+
+    (tmp_path / "afile").write_text("x")
+    for bad in (tmp_path / "afile", tmp_path / "afile" / "run", tmp_path / "afile" / "a" / "b"):
+        with pytest.raises(FileWriteError, match=f"cannot write {bad}: a path component is a file") as err:
+            make_dirs(bad)
+        assert "\n" not in str(err.value) and err.value.path == str(bad)
+    assert make_dirs(tmp_path / "x" / "y").is_dir()
+    err = write_error(tmp_path / "s.pt", PermissionError(errno.EROFS, "Read-only file system"))
+    assert isinstance(err, FileWriteError) and "read-only" in str(err) and err.errno == errno.EROFS
+    try:
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError:
+            raise RuntimeError("unexpected pos")
+    except RuntimeError as wrapped:
+        assert "no space left" in str(write_error(tmp_path / "s.pt", wrapped))
+    assert write_error(tmp_path / "s.pt", ValueError("not a disk problem")) is None
+    assert write_error(tmp_path / "s.pt", err) is err
+
+
 def test_killed_writer_leaves_old_file_and_a_temp_that_is_cleaned(tmp_path):
     target = _old(tmp_path)
     code = ("import os, signal, sys; from teachers.files import atomic_write\n"

@@ -113,3 +113,44 @@ def test_run_status_for_each_state(tmp_path):
     assert [run_status(run)] == [s for s in rundir.STATUSES if s == "finished"]
     (tmp_path / "afile").write_text("x")
     assert run_status(tmp_path / "afile") == "missing"
+
+
+def test_lock_also_clears_the_temp_files_of_the_reporting_modules(tmp_path):
+    names = [".report.md.tmp4242", ".samples.tmp77.png", ".state.pt.ab12cd34.tmp"]
+    for name in names:
+        (tmp_path / name).write_bytes(b"half")
+    for name in ("report.md", ".lock", ".hidden", "notes.tmp", ".tmpfoo"):
+        (tmp_path / name).write_bytes(b"keep")
+    with RunLock(tmp_path) as lock:
+        assert sorted(p.name for p in lock.removed) == sorted(names)
+    assert sorted(os.listdir(tmp_path)) == sorted([".hidden", ".lock", ".tmpfoo", "notes.tmp", "report.md"])
+
+
+def test_lock_on_a_path_that_cannot_be_a_directory_is_one_line(tmp_path):
+    from teachers.files import FileWriteError
+
+    (tmp_path / "afile").write_text("x")
+    for bad in (tmp_path / "afile", tmp_path / "afile" / "run"):
+        with pytest.raises(FileWriteError, match=f"cannot write {bad}: a path component is a file") as err:
+            RunLock(bad).acquire()
+        assert "\n" not in str(err.value)
+
+
+def test_clear_run_files_deletes_only_what_a_run_writes(tmp_path):
+    for name in rundir.OWNED_FILES + ("notes.txt",):
+        (tmp_path / name).write_text("x")
+    removed = rundir.clear_run_files(tmp_path, keep=(rundir.CONFIG,))
+    assert set(removed) == set(rundir.OWNED_FILES) - {rundir.CONFIG}
+    assert sorted(os.listdir(tmp_path)) == [rundir.CONFIG, "notes.txt"]
+    assert set(rundir.RUN_FILES) < set(rundir.OWNED_FILES) and rundir.LOG in rundir.OWNED_FILES
+
+
+def test_config_changes_lists_changed_keys_except_where_and_how_often():
+    saved = {"steps": 6, "student": "lenet5_half", "out": "a", "device": "cpu", "checkpoint_every": 0,
+             "options": {"lr": 0.1, "sizes": [1, 2]}}
+    same = {**saved, "out": "b", "device": "cuda", "checkpoint_every": 5, "options": {"lr": 0.1, "sizes": (1, 2)}}
+    assert rundir.config_changes(saved, same) == []
+    edited = {**saved, "steps": 12, "options": {"lr": 0.2, "sizes": [1, 2], "new": 1}}
+    assert rundir.config_changes(saved, edited) == [("options.lr", 0.1, 0.2), ("options.new", None, 1),
+                                                    ("steps", 6, 12)]
+    assert rundir.config_changes({"seed": 0}, {"seed": 0.0}) == []
