@@ -26,6 +26,7 @@ _OPTIMIZERS = {
     "sgd": {"optimizer": "sgd", "lr": 0.05, "momentum": 0.9, "nesterov": True, "weight_decay": 5e-4},
 }
 _AUGMENTS = ("crop", "crop_flip", "none")
+_SCHEDULES = ("cosine", "constant")
 _PAD = 2  # zero padding of the random crop
 
 
@@ -153,6 +154,7 @@ def train_classifier(
     lr: float | None = None,
     weight_decay: float | None = None,
     augment: str = "crop",
+    schedule: str = "cosine",
     seed: int = 0,
     device: str | torch.device = "cpu",
     progress: bool = True,
@@ -165,13 +167,15 @@ def train_classifier(
             model's ``arch`` (or class name). ``lr`` / ``weight_decay`` override the recipe.
         augment: ``"crop"`` (random crop, 2 px zero padding), ``"crop_flip"`` (plus random
             horizontal flip) or ``"none"``.
+        schedule: ``"cosine"`` (annealed to 0 over all steps) or ``"constant"`` (the
+            learning rate stays the recipe's, as DAFL's official teacher training does).
         seed: seeds a ``torch.Generator`` for shuffling and augmentation (model
             initialisation is the caller's).
         device: ``"cpu"``, ``"cuda"``, ``"auto"``...; the model and data are moved there.
         log: called with each epoch's history row.
 
     Batches are drawn without replacement; an incomplete last batch is dropped (unless it
-    is the only one). The learning rate follows a cosine schedule over all steps. The test
+    is the only one). The learning rate follows ``schedule``. The test
     set is evaluated after every epoch for the history only; the reported
     ``test_accuracy`` is the final epoch's.
 
@@ -188,11 +192,13 @@ def train_classifier(
         raise ValueError(f"train_x and train_y must have the same non-zero length ({len(train_x)} vs {len(train_y)})")
     if epochs < 1:
         raise ValueError("epochs must be >= 1")
+    if schedule not in _SCHEDULES:
+        raise ValueError(f"unknown schedule {schedule!r}; known: {', '.join(_SCHEDULES)}")
 
     dev = resolve_device(device)
     cuda = dev.type == "cuda"
     recipe = _recipe_for(model, optimizer, lr, weight_decay)
-    recipe.update(augment=augment, epochs=epochs, batch_size=batch_size, seed=seed)
+    recipe.update(augment=augment, schedule=schedule, epochs=epochs, batch_size=batch_size, seed=seed)
     model.to(dev)
     if cuda:
         model.to(memory_format=torch.channels_last)
@@ -202,7 +208,10 @@ def train_classifier(
     bs = min(batch_size, n)
     steps = max(1, n // bs)
     opt = _make_optimizer(model, recipe)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * steps)
+    if schedule == "cosine":
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * steps)
+    else:
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
     gen = torch.Generator().manual_seed(seed)
 
     history: list[dict] = []

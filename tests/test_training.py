@@ -58,6 +58,38 @@ def test_training_rejects_frozen_model_and_bad_args():
         train_classifier(model, x, y, None, None, epochs=1, augment="mixup", progress=False)
     with pytest.raises(ValueError, match="frozen"):
         train_classifier(freeze(model), x, y, None, None, epochs=1, progress=False)
+    with pytest.raises(ValueError, match="schedule"):
+        train_classifier(build_model("mlp", 2, 1, 8, mean=[0.5], std=[0.5]), x, y, None, None, epochs=1,
+                         schedule="step", progress=False)
+
+
+def test_constant_schedule_keeps_the_learning_rate():
+    """DAFL's official teacher training keeps the learning rate constant: two full-batch SGD
+    steps at lr 0.5 equal a hand-written loop; the cosine schedule's second step (lr 0.25) does not."""
+    torch.manual_seed(0)
+    x = torch.rand(64, 1, 8, 8)
+    y = (x.mean((1, 2, 3)) > 0.5).long()
+
+    def fresh():
+        torch.manual_seed(1)
+        return build_model("mlp", 2, 1, 8, mean=[0.5], std=[0.5], hidden=(16,))
+
+    by_hand = fresh()
+    opt = torch.optim.SGD(by_hand.parameters(), lr=0.5, momentum=0.9, nesterov=True)  # the sgd recipe
+    for _ in range(2):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(by_hand(x), y).backward()
+        opt.step()
+    trained = {}
+    for schedule in ("constant", "cosine"):
+        model = fresh()
+        result = train_classifier(model, x, y, None, None, epochs=2, batch_size=64, optimizer="sgd", lr=0.5,
+                                  weight_decay=0.0, augment="none", schedule=schedule, progress=False)
+        assert result["recipe"]["schedule"] == schedule
+        trained[schedule] = list(model.parameters())
+    same = [torch.allclose(a, b, atol=1e-6) for a, b in zip(trained["constant"], by_hand.parameters())]
+    assert all(same)
+    assert not all(torch.allclose(a, b, atol=1e-6) for a, b in zip(trained["cosine"], by_hand.parameters()))
 
 
 def test_default_recipe():
