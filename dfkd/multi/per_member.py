@@ -60,7 +60,7 @@ from generators.base import (
     mix_batch,
     synthesizer_class,
 )
-from teachers.device import autocast
+from teachers.device import check_precision
 
 __all__ = ["PER_MEMBER_METHODS", "OTHER_LOGIT", "MemberBatch", "MemberTeacher", "MemberView", "OriginPool",
            "PerMemberSynthesizer", "split_budget", "member_target", "member_losses", "check_per_member",
@@ -227,7 +227,7 @@ class PerMemberSynthesizer(Synthesizer):
     name = "per-member"
 
     def __init__(self, method: str, ensemble: TeacherEnsemble, image_shape, num_classes: int, device="cpu",
-                 seed: int = 0, bn_priors=(), settings: dict | None = None, **options):
+                 seed: int = 0, bn_priors=(), precision: str = "auto", settings: dict | None = None, **options):
         check_per_member(method)
         self.settings = check_settings(settings)
         cls = synthesizer_class(method)
@@ -241,6 +241,7 @@ class PerMemberSynthesizer(Synthesizer):
         self.bn_prior_models = list(bn_priors or ())
         self.image_shape = tuple(int(v) for v in image_shape)
         self.num_classes, self.device = int(num_classes), torch.device(device)
+        self.precision = check_precision(precision)
         self.options = resolved
         self.batch_size = int(resolved["batch_size"])
         self.temperature = float(resolved["temperature"])
@@ -263,7 +264,8 @@ class PerMemberSynthesizer(Synthesizer):
                 member_options["balance_classes"] = False  # the bank balances by the origin's own labels
             inner = create_synthesizer(method, MemberTeacher(ensemble, i, other).to(self.device),
                                        image_shape=self.image_shape, num_classes=counts[i], device=self.device,
-                                       seed=int(seed) + 7919 * (i + 1), bn_priors=self.bn_prior_models, **member_options)
+                                       seed=int(seed) + 7919 * (i + 1), bn_priors=self.bn_prior_models,
+                                       precision=self.precision, **member_options)
             if not isinstance(getattr(inner, "pool", None), ImagePool):
                 raise SynthesizerOptionError(f"per-member synthesis needs a method that keeps a bank (pool); "
                                              f"{method!r} does not")
@@ -274,7 +276,7 @@ class PerMemberSynthesizer(Synthesizer):
     # -- the bank ----------------------------------------------------------------------------
     def _labeller(self, i: int):
         def on_add(images):
-            with torch.no_grad(), autocast(self.device):
+            with torch.no_grad(), self.autocast():
                 union = self.ensemble.forward_all(images).union_logits.float()  # (T, n, K)
             self._new_logits.append(union)
             own = union[i].index_select(1, self.ensemble.index(i).to(union.device))
