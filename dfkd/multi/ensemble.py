@@ -376,6 +376,13 @@ class TeacherEnsemble(nn.Module):
                                 f"meta lists {self.index(i).numel()} classes")
         return logits.float(), features.flatten(1).float()
 
+    def member_logits(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        """Member ``i``'s logits over its own classes ``(B, k_i)`` (float), the input adapted to
+        its image shape; no features are tapped."""
+        if self.member_shapes[i] != tuple(x.shape[1:]):
+            x = adapt_input(x, self.member_shapes[i])
+        return self.members[i](x).float()
+
     def forward_all(self, x: torch.Tensor, combiner: Combiner | None = None) -> EnsembleOutput:
         """Every member's logits and features, and the merged logits (``combiner`` or the
         ensemble's own)."""

@@ -18,7 +18,10 @@ runs one synthesizer of the chosen method (``fast`` or ``deepinversion``) per me
   cross-member hard negatives, made on purpose (``cross_member=True``);
 - every image enters one bank (:class:`OriginPool`, one per member) with its origin member,
   the origin member's class (for class-balanced sampling) and, with ``cache_targets``, every
-  member's logits on it (the student steps then run no teacher).
+  member's logits on it: ``true``, the student steps run no teacher; ``"others"``, each
+  student batch runs only each image's origin member (on the augmented view the student
+  sees), the other members' evidence comes from the bank; ``false`` (default), every member
+  relabels every student batch.
 
 The student's target for an image ``x`` of origin ``o`` (:func:`member_target`) combines the
 origin with the other members' *calibrated* evidence::
@@ -232,7 +235,7 @@ class PerMemberSynthesizer(Synthesizer):
         self.settings = check_settings(settings)
         cls = synthesizer_class(method)
         resolved = cls.resolve_options(options)
-        if self.settings["cache_targets"] and resolved.get("student_mixup"):
+        if self.settings["cache_targets"] is not False and resolved.get("student_mixup"):
             raise SynthesizerOptionError("cache_targets keeps each bank image's targets, but student_mixup makes new "
                                          "images at every step: turn one of them off")
         self.method, self.ensemble = method, ensemble
@@ -280,7 +283,7 @@ class PerMemberSynthesizer(Synthesizer):
                 union = self.ensemble.forward_all(images).union_logits.float()  # (T, n, K)
             self._new_logits.append(union)
             own = union[i].index_select(1, self.ensemble.index(i).to(union.device))
-            return own.argmax(dim=1), (union if self.settings["cache_targets"] else None)
+            return own.argmax(dim=1), (None if self.settings["cache_targets"] is False else union)
         return on_add
 
     def _views(self, student: nn.Module) -> list[MemberView]:
@@ -341,6 +344,24 @@ class PerMemberSynthesizer(Synthesizer):
             images = mix_batch(images, o["student_mixup"])
         cached = None if any(z is None for z in logits) else torch.cat(logits, dim=1)
         return MemberBatch(images, origin=torch.cat(origin).to(images.device), union_logits=cached)
+
+    def relabel(self, batch: MemberBatch) -> torch.Tensor:
+        """Every member's logits ``(T, B, K)`` on the student batch: all fresh, all from the bank
+        (``cache_targets=True``), or fresh for each image's origin member only (``"others"``:
+        the batch holds each member's images in one block, so each member runs once)."""
+        mode = self.settings["cache_targets"]
+        if mode is True and batch.union_logits is not None:
+            return batch.union_logits
+        with torch.no_grad(), self.autocast():
+            if mode is False or batch.union_logits is None:
+                return self.ensemble.forward_all(batch.images).union_logits.float()
+            union = batch.union_logits.clone()
+            start = 0
+            for i, n in enumerate(self.batch_split):
+                z = self.ensemble.member_logits(i, batch.images[start:start + n])
+                union[i, start:start + n] = self.ensemble.place(z, i)
+                start += n
+            return union
 
     def preview(self, n):
         parts = [self._draw(i, k)[0] for i, k in enumerate(split_budget(n, self.counts)) if k]
@@ -421,6 +442,8 @@ def check_settings(settings: dict | None) -> dict:
     merged = {**DEFAULTS, **(settings or {})}
     if not 0.0 < float(merged["origin_prior"]) <= 1.0:
         raise SynthesizerOptionError(f"origin_prior must be in (0, 1], got {merged['origin_prior']}")
+    if merged["cache_targets"] not in (False, True, "others"):
+        raise SynthesizerOptionError(f"cache_targets must be false, true or 'others', got {merged['cache_targets']!r}")
     if float(merged["negative_weight"]) < 0:
         raise SynthesizerOptionError(f"negative_weight must be 0 or more, got {merged['negative_weight']}")
     return merged

@@ -157,8 +157,9 @@ class AmalgamationSynthesizer(Synthesizer):
 
     def _member_losses(self, student, batch):
         """The origin-aware target of per-member synthesis (class docstring)."""
-        union = batch.union_logits if self.amalgamator is None else None
-        if union is None:  # fresh logits (and fresh features for the taps)
+        if self.amalgamator is None:
+            union = self.per_member.relabel(batch)
+        else:  # fresh logits, and fresh features for the taps
             with torch.no_grad(), self.inner.autocast():
                 union = self.ensemble.forward_all(batch.images).union_logits
         mask = self.ensemble.mask
