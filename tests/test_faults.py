@@ -579,7 +579,7 @@ def test_ctrl_c_saves_exits_130_naming_the_run_and_resumes_to_the_same_student(t
             if self.step == 3:
                 at_step.touch()
                 deadline = time.monotonic() + 60
-                while not self._interrupt_requested and time.monotonic() < deadline:
+                while not self._interrupt.requested and time.monotonic() < deadline:
                     time.sleep(0.02)
             return original(self)
 

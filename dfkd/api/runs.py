@@ -292,14 +292,13 @@ def execute(config: RunConfig, teacher: nn.Module, meta: dict, *, resume: bool =
 
     student_meta = {k: meta[k] for k in ("dataset", "classes", "class_names", "mean", "std", "image_shape")}
     student_meta.update(seed=cfg["seed"], config=cfg, method=cfg["method"], **(record or {}))
-    options = RunOptions(steps=cfg["steps"], eval_every=cfg["eval_every"], log_every=cfg["log_every"],
-                         checkpoint_every=cfg["checkpoint_every"], checkpoint_seconds=float(cfg["checkpoint_seconds"]),
-                         config=cfg, progress=progress, seed=cfg["seed"],
-                         student_ema=float(cfg["student_ema"] or 0.0), student_optim=student_optim,
-                         extra_summary={"student": cfg["student"], "class_names": list(meta["class_names"]),
-                                        "device": str(device), **(record or {}),
-                                        **({"command": command} if command else {}),
-                                        **({"bn_priors": prior_records} if prior_records else {})})
+    run_options = RunOptions(
+        steps=cfg["steps"], eval_every=cfg["eval_every"], log_every=cfg["log_every"],
+        checkpoint_every=cfg["checkpoint_every"], checkpoint_seconds=float(cfg["checkpoint_seconds"]), config=cfg,
+        progress=progress, seed=cfg["seed"], student_ema=float(cfg["student_ema"] or 0.0), student_optim=student_optim,
+        extra_summary={"student": cfg["student"], "class_names": list(meta["class_names"]), "device": str(device),
+                       **(record or {}), **({"command": command} if command else {}),
+                       **({"bn_priors": prior_records} if prior_records else {})})
 
     created = _missing_dirs(out)
     lock = RunLock(out).acquire()  # for the whole run: a second process gets RunDirBusyError
@@ -322,7 +321,7 @@ def execute(config: RunConfig, teacher: nn.Module, meta: dict, *, resume: bool =
         if not has_state:
             write_yaml(out / rundir.CONFIG, cfg)
             wrote.append(rundir.CONFIG)
-        run = DistillationRun(teacher, student, synth, out, options, eval_data=eval_data, student_meta=student_meta,
+        run = DistillationRun(teacher, student, synth, out, run_options, eval_data=eval_data, student_meta=student_meta,
                               teacher_accuracy=meta.get("test_accuracy"), device=device)
         if has_state:
             run.load_state(config=cfg)

@@ -6,28 +6,19 @@ the schedule. Loss terms are accumulated on the device and only read back at log
 intervals (no host synchronisation in the inner loop). Evaluation on the real test split
 is for reporting only; the number reported is the final one.
 
-Non-finite guard: whether every step's total loss (and every synthesis round's terms) was
-finite is accumulated in a device tensor and read (one sync) at logging steps, before every
-save and at the end, together with the student's weights before a save; a non-finite step
-stops the run with :class:`DistillationError` and nothing from it is saved.
-
-State is saved at round ends, every ``checkpoint_seconds`` (default 300) and/or every
-``checkpoint_every`` steps, at the last step, and on Ctrl-C: the first SIGINT lets the
-current round finish, saves it and raises :class:`RunInterrupted`; a second one stops at once
-(the last saved state is kept).
-
-The run directory holds ``metrics.csv``, ``student.pt`` (a zoo checkpoint),
-``synthesizer.pt`` and ``state.pt`` (everything needed to resume, and the resolved config);
-:mod:`dfkd.engine.rundir` states what it guarantees.
+Whether every step's total loss (and synthesis terms) was finite is accumulated in a device
+tensor and read (one sync) at logging steps, before every save (with the student's weights)
+and at the end; a non-finite step stops the run (:class:`DistillationError`) unsaved.
+State (``state.pt``, with the resolved config; ``synthesizer.pt``) is saved at round ends every
+``checkpoint_seconds`` and/or ``checkpoint_every`` steps, at the end, and on Ctrl-C: the first
+SIGINT finishes the round, saves it and raises :class:`RunInterrupted`; a second stops at once.
+:mod:`dfkd.engine.rundir` states what a run directory guarantees.
 """
 from __future__ import annotations
 
 import csv
 import logging
 import math
-import signal
-import sys
-import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -39,7 +30,7 @@ from torch import nn
 from dfkd.engine.ema import WeightAverage
 from dfkd.engine.evaluation import EvalData, match_rate, per_class_accuracy, predict
 from dfkd.engine.optim import StudentOptim
-from dfkd.engine.rundir import config_changes
+from dfkd.engine.rundir import DeferredInterrupt, ResumeError, check_resume_config  # noqa: F401  (ResumeError: re-exported)
 from generators.base import Synthesizer
 from teachers.checkpoint import save_checkpoint
 from teachers.files import atomic_write, torch_save
@@ -51,10 +42,6 @@ STATE_FORMAT = "dfkd-run-state/1"
 
 class DistillationError(RuntimeError):
     """A run that cannot continue (non-finite loss, inconsistent resume state)."""
-
-
-class ResumeError(ValueError):
-    """A resume that would not continue the saved run (its config was edited)."""
 
 
 class RunInterrupted(KeyboardInterrupt):
@@ -123,7 +110,7 @@ class DistillationRun:
         self._last_eval: tuple[int, dict] | None = None  # (step, result) of the latest evaluation
         self._last_predictions: torch.Tensor | None = None  # the student's, at the latest evaluation
         self.saved_step: int | None = None  # the step of the state on disk
-        self._interrupt_requested = False
+        self._interrupt = None  # the DeferredInterrupt of a running loop
         self._reset_guard()
 
     # -- persistence ----------------------------------------------------------------------
@@ -168,7 +155,7 @@ class DistillationRun:
         if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
             raise DistillationError(f"{self.state_path} is not a dfkd run state (format {STATE_FORMAT})")
         if config is not None and isinstance(state.get("config"), dict):
-            self._check_same_config(state["config"], config, int(state["step"]))
+            check_resume_config(self.run_dir / "config.yaml", state["config"], config, int(state["step"]))
         try:
             self.student.load_state_dict(state["student"])
             self.optimizer.load_state_dict(state["optimizer"])
@@ -190,65 +177,39 @@ class DistillationRun:
         self.saved_step = self.step
         self._reset_guard()
 
-    def _check_same_config(self, saved: dict, current: dict, saved_step: int) -> None:
-        changes = config_changes(saved, current)
-        if not changes:
-            return
-        listed = ", ".join(f"{key} {old!r} -> {new!r}" for key, old, new in changes)
-        where = self.run_dir / "config.yaml"
-        if [key for key, _, _ in changes] == ["steps"] and isinstance(changes[0][2], int) \
-                and changes[0][2] > changes[0][1]:
-            new = changes[0][2]
-            raise ResumeError(
-                f"{where} asks for steps {new} but the run was saved with steps {changes[0][1]} (at step {saved_step}): "
-                "extending a run is not supported, because its learning-rate schedule and the synthesizer's plan span "
-                f"the saved steps, so the student would differ from a run of {new} steps; restore steps: "
-                f"{changes[0][1]} to resume, or start a new run with --config {where} steps={new} --out NEW_DIR")
-        raise ResumeError(
-            f"{where} differs from the config the run was saved with ({listed}); a resumed run must continue the "
-            "same run: undo the edit to resume, or start a new run with --overwrite or another --out")
-
     # -- the non-finite guard -----------------------------------------------------------
     def _reset_guard(self) -> None:
-        """Start accumulating, on the device, whether every step since now was finite."""
+        """Accumulate on the device, from this step on, whether every step was finite."""
         self._all_finite = torch.ones((), dtype=torch.bool, device=self.device)
         self._finite_steps = torch.zeros((), dtype=torch.long, device=self.device)  # steps before the first bad one
         self._guard_from = self.step
 
     def _guard(self, total: torch.Tensor, gen_terms: dict | None) -> None:
         """Fold this step's finiteness into the guard (device ops only, no sync)."""
-        ok = torch.isfinite(total.detach()).to(self._all_finite.device)
+        ok = torch.isfinite(total.detach())
         for value in (gen_terms or {}).values():
             if isinstance(value, torch.Tensor):
-                ok = ok & torch.isfinite(value.detach()).all().to(ok.device)
-        self._all_finite.logical_and_(ok)
+                ok = ok & torch.isfinite(value.detach()).all()
+        self._all_finite.logical_and_(ok.to(self._all_finite.device))
         self._finite_steps.add_(self._all_finite)
 
-    def _weights_finite(self) -> torch.Tensor:
-        flags = [torch.isfinite(p.detach()).all() for p in self.student.parameters() if p.is_floating_point()]
-        flags = [f.to(self._all_finite.device) for f in flags]
-        return torch.stack(flags).all() if flags else torch.ones((), dtype=torch.bool, device=self._all_finite.device)
-
     def check_finite(self, weights: bool = False, terms: dict | None = None) -> None:
-        """Raise :class:`DistillationError` if a step since the last check (or the student's
-        weights, with ``weights``) was non-finite: one host synchronisation."""
-        parts = [self._all_finite.long(), self._finite_steps, self._weights_finite().long() if weights
-                 else torch.ones((), dtype=torch.long, device=self._all_finite.device)]
-        all_finite, finite_steps, weights_ok = torch.stack(parts).tolist()
-        if all_finite and weights_ok:
+        """Raise :class:`DistillationError` if a step since the guard was reset (or, with
+        ``weights``, the student's weights) was non-finite: one host synchronisation."""
+        flags = [self._all_finite, self._finite_steps]
+        if weights:
+            flags += [torch.isfinite(p.detach()).all().to(self.device) for p in self.student.parameters()]
+        all_finite, finite_steps, *weights_ok = torch.stack([f.long() for f in flags]).tolist()
+        if all_finite and all(weights_ok):
             return
-        kept = (f"the last good state (step {self.saved_step}) is kept in {self.run_dir}" if self.saved_step
-                else f"no state was saved in {self.run_dir}")
-        if not all_finite:
-            bad = self._guard_from + finite_steps + 1
-            names = []
-            for key, value in (terms or {}).items():
-                if isinstance(value, torch.Tensor) and not bool(torch.isfinite(value).all()):
-                    names.append(key)
-            which = f" (loss term{'s' if len(names) > 1 else ''} {', '.join(repr(n) for n in names)})" if names else ""
-            what = f"the loss became non-finite at step {bad}{which}"
-        else:
+        if all_finite:
             what = f"the student's weights became non-finite by step {self.step}"
+        else:
+            names = [repr(k) for k, v in (terms or {}).items() if isinstance(v, torch.Tensor) and not bool(v.isfinite().all())]
+            which = f" (loss term{'s' if len(names) > 1 else ''} {', '.join(names)})" if names else ""
+            what = f"the loss became non-finite at step {self._guard_from + finite_steps + 1}{which}"
+        kept = (f"the last good state (step {self.saved_step}) is kept in {self.run_dir}"
+                if self.saved_step is not None else f"no state was saved in {self.run_dir}")
         raise DistillationError(f"{what}; the run was stopped and nothing from that step on was saved; {kept}; "
                                 "lower the learning rate (--student-lr) or check the teacher")
 
@@ -305,12 +266,9 @@ class DistillationRun:
         if values:
             stacked = torch.stack(list(values.values())).cpu().tolist()  # one sync per log interval
             for key, value in zip(values, stacked):
-                if not math.isfinite(value):  # the guard has checked the total; a term may still overflow alone
-                    raise DistillationError(
-                        f"loss term {key!r} became non-finite ({value}) between steps {max(0, self.step - count)} and "
-                        f"{self.step}; nothing from those steps was saved; the last good state "
-                        f"{'(step %d) is kept in %s' % (self.saved_step, self.run_dir) if self.saved_step else 'was never saved'}"
-                    )
+                if not math.isfinite(value):  # the guard checked the total; a term may still overflow alone
+                    raise DistillationError(f"loss term {key!r} became non-finite ({value}) by step {self.step}; "
+                                            f"the run was stopped; the last saved state is in {self.run_dir}")
                 row[key] = round(value, 6)
         row["lr"] = self.optimizer.param_groups[0]["lr"]
         row["images_synthesized"] = self.synth.images_synthesized
@@ -318,23 +276,6 @@ class DistillationRun:
             result = self.evaluate()
             row.update(result)
         return row
-
-    def _on_sigint(self, signum, frame) -> None:
-        if self._interrupt_requested:  # a second Ctrl-C: stop now, keeping the last saved state
-            raise KeyboardInterrupt
-        self._interrupt_requested = True
-        print("\ninterrupt: saving at the end of this round (Ctrl-C again to stop at once, without saving)",
-              file=sys.stderr, flush=True)
-
-    def _defer_sigint(self):
-        """Let the first Ctrl-C end the run at the next round end (the previous handler, or None)."""
-        if threading.current_thread() is not threading.main_thread():
-            return None
-        previous = signal.getsignal(signal.SIGINT)
-        if previous is not signal.default_int_handler:  # someone else handles Ctrl-C: leave it to them
-            return None
-        signal.signal(signal.SIGINT, self._on_sigint)
-        return previous
 
     def run(self) -> dict:
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -354,8 +295,7 @@ class DistillationRun:
         last_accuracy = None
         last_saved, last_saved_time = self.step, time.monotonic()
         started = time.perf_counter() - self.elapsed
-        self._interrupt_requested = False
-        previous_handler = self._defer_sigint()
+        self._interrupt = interrupt = DeferredInterrupt("saving at the end of this round")
         try:
             while self.step < opts.steps:
                 gen_terms = None
@@ -403,7 +343,7 @@ class DistillationRun:
                 at_round_end = self.step % steps_per_round == 0 or at_end
                 if not at_round_end:
                     continue
-                due = (at_end or self._interrupt_requested
+                due = (at_end or interrupt.requested
                        or (opts.checkpoint_every and self.step - last_saved >= opts.checkpoint_every)
                        or (opts.checkpoint_seconds and time.monotonic() - last_saved_time >= opts.checkpoint_seconds))
                 if due:
@@ -412,15 +352,14 @@ class DistillationRun:
                         self.check_finite(weights=True, terms={**sums, **gen_sums})
                         self.save_state()
                     last_saved, last_saved_time = self.step, time.monotonic()
-                if self._interrupt_requested:
+                if interrupt.requested:
                     raise RunInterrupted(self.run_dir, self.saved_step)
         except KeyboardInterrupt as exc:  # Ctrl-C twice, or raised by code: the state on disk is the last saved
             if isinstance(exc, RunInterrupted):
                 raise
             raise RunInterrupted(self.run_dir, self.saved_step) from None
         finally:
-            if previous_handler is not None:
-                signal.signal(signal.SIGINT, previous_handler)
+            interrupt.close()
             if progress is not None:
                 progress.close()
         self.elapsed = time.perf_counter() - started

@@ -44,7 +44,9 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -58,7 +60,8 @@ except ImportError:  # pragma: no cover - Windows
 __all__ = [
     "CONFIG", "STATE", "SYNTHESIZER", "METRICS", "STUDENT", "SUMMARY", "SAMPLES", "REPORT", "LOCK", "LOG",
     "RUN_FILES", "PLOTS", "OWNED_FILES", "STATUSES", "RESUME_FREE_KEYS", "RunDirBusyError", "RunLock", "run_status",
-    "clear_run_files", "config_changes", "remove_stale_temps",
+    "clear_run_files", "config_changes", "remove_stale_temps", "ResumeError", "check_resume_config",
+    "DeferredInterrupt",
 ]
 
 CONFIG = "config.yaml"
@@ -158,6 +161,55 @@ def config_changes(saved: dict, current: dict, free: tuple[str, ...] = RESUME_FR
     missing = object()
     return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b))
             if a.get(k, missing) != b.get(k, missing)]
+
+
+class ResumeError(ValueError):
+    """A resume that would not continue the saved run (its config.yaml was edited)."""
+
+
+def check_resume_config(config_path, saved: dict, current: dict, saved_step: int) -> None:
+    """Raise :class:`ResumeError` listing the keys (:func:`config_changes`) whose value in
+    ``config_path`` (``current``) differs from the config the state was saved with."""
+    changes = config_changes(saved, current)
+    if not changes:
+        return
+    if [key for key, _, _ in changes] == ["steps"] and isinstance(changes[0][2], int) and changes[0][2] > changes[0][1]:
+        old, new = changes[0][1], changes[0][2]
+        raise ResumeError(
+            f"{config_path} asks for steps {new} but the run was saved with steps {old} (at step {saved_step}): "
+            "extending a run is not supported, because its learning-rate schedule and the synthesizer's plan span "
+            f"the saved steps, so the student would differ from a run of {new} steps; restore steps: {old} to "
+            f"resume, or start a new run with --config {config_path} steps={new} --out NEW_DIR")
+    listed = ", ".join(f"{key} {old!r} -> {new!r}" for key, old, new in changes)
+    raise ResumeError(
+        f"{config_path} differs from the config the run was saved with ({listed}); a resumed run must continue the "
+        "same run: undo the edit to resume, or start a new run with --overwrite or another --out")
+
+
+class DeferredInterrupt:
+    """While open, the first Ctrl-C (SIGINT) only sets :attr:`requested` (and says ``note`` on
+    stderr), so that a loop can stop where its state is consistent and save it; a second one
+    raises KeyboardInterrupt at once. Only in the main thread and only over Python's default
+    handler (elsewhere Ctrl-C raises as usual). :meth:`close` restores the handler."""
+
+    def __init__(self, note: str):
+        self.note = note
+        self.requested = False
+        self._previous = None
+        if threading.current_thread() is threading.main_thread() \
+                and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:  # the second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self.requested = True
+        print(f"\ninterrupt: {self.note} (Ctrl-C again to stop at once, without saving)", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
 
 
 def _pid_alive(pid: int) -> bool:
