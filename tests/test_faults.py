@@ -373,6 +373,8 @@ def test_a_second_run_into_a_busy_directory_is_refused_and_nothing_mixes(teacher
         one_line_error(err, code, 2, "is in use by another dfkd process")
         code, _, err = dfkd(capsys, "distill", "--resume", out, "--quiet")
         one_line_error(err, code, 2, "is in use by another dfkd process")
+        code, _, err = dfkd(capsys, "plot", "curves", out)
+        one_line_error(err, code, 2, "is in use by another dfkd process")
         assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before  # not a byte changed
     finally:
         release.touch()

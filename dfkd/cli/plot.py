@@ -9,6 +9,7 @@ import torch
 from dfkd.cli.common import CLIError, add_common, formatter
 from dfkd.config import load_yaml
 from dfkd.data import load_dataset
+from dfkd.engine.rundir import RunLock
 from dfkd.reporting import plots
 from dfkd.reporting.analysis import analyze_run
 from teachers import freeze, load_checkpoint
@@ -41,6 +42,11 @@ def run(args) -> int:
     run_dir = Path(args.run_dir)
     if not (run_dir / "config.yaml").exists():
         raise CLIError(f"{run_dir} is not a dfkd run directory (no config.yaml)")
+    with RunLock(run_dir):  # never draw into a directory a run is writing
+        return _plot(args, run_dir)
+
+
+def _plot(args, run_dir: Path) -> int:
     if args.kind == "curves":
         if not (run_dir / "metrics.csv").exists():
             raise CLIError(f"{run_dir} has no metrics.csv (was the run evaluated?)")
