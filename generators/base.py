@@ -185,6 +185,17 @@ class ImagePool:
             store[self.cursor :] = values[:first]
             store[: n - first] = values[first:]
 
+    def _grown(self, store: torch.Tensor, incoming: int) -> torch.Tensor:
+        """``store`` with room for ``incoming`` more images: storage grows by doubling up to
+        ``capacity`` as the pool fills, so a large capacity costs memory only once it is used."""
+        needed = min(self.capacity, self.count + incoming)
+        if store.shape[0] >= needed:
+            return store
+        size = min(self.capacity, max(needed, 2 * store.shape[0]))
+        bigger = torch.empty((size, *store.shape[1:]), dtype=store.dtype, device=store.device)
+        bigger[: self.count] = store[: self.count]
+        return bigger
+
     def add(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> None:
         """Append a batch (and its labels; a pool holds labels for all images or none)."""
         images = images.detach()
@@ -198,9 +209,12 @@ class ImagePool:
             images = images[-self.capacity :]
             labels = None if labels is None else labels[-self.capacity :]
         if self.images is None:
-            self.images = torch.empty((self.capacity, *images.shape[1:]), dtype=images.dtype, device=images.device)
+            self.images = torch.empty((0, *images.shape[1:]), dtype=images.dtype, device=images.device)
         if labels is not None and self.labels is None:
-            self.labels = torch.zeros(self.capacity, dtype=torch.long, device=images.device)
+            self.labels = torch.zeros(self.images.shape[0], dtype=torch.long, device=images.device)
+        self.images = self._grown(self.images, images.shape[0])
+        if self.labels is not None:
+            self.labels = self._grown(self.labels, images.shape[0])
         self._write(self.images, images)
         if labels is not None:
             self._write(self.labels, labels.to(self.labels.device))
@@ -242,11 +256,9 @@ class ImagePool:
         self.images, self.labels = None, None
         if state["images"] is not None and self.count:
             held = state["images"].to(device) if device is not None else state["images"]
-            self.images = torch.empty((self.capacity, *held.shape[1:]), dtype=held.dtype, device=held.device)
-            self.images[: self.count] = held
+            self.images = held.clone()  # grows again as the pool fills (_grown)
             if state.get("labels") is not None:
-                self.labels = torch.zeros(self.capacity, dtype=torch.long, device=held.device)
-                self.labels[: self.count] = state["labels"].to(held.device)
+                self.labels = state["labels"].to(held.device).clone()
 
 
 class Synthesizer:

@@ -276,3 +276,17 @@ def test_state_dict_round_trip(name, bn_teacher, student):
     b.load_state_dict(state)
     assert b.images_synthesized == a.images_synthesized
     assert torch.equal(b.rng.get_state(), a.rng.get_state())
+
+
+def test_pool_memory_grows_with_use_not_with_capacity():
+    """A 60,000-image bank of 224 px images would take 36 GB at once; storage grows by doubling."""
+    pool = ImagePool(60000)
+    pool.add(torch.rand(8, 3, 224, 224))
+    assert pool.images.shape[0] == 8
+    pool.add(torch.rand(8, 3, 224, 224))
+    pool.add(torch.rand(1, 3, 224, 224))
+    assert pool.images.shape[0] == 32 and len(pool) == 17
+    small = ImagePool(10)
+    for value in range(4):
+        small.add(torch.full((4, 1, 2, 2), float(value)))
+    assert small.images.shape[0] == 10 and sorted(small.images[:, 0, 0, 0].tolist()) == [1.0] * 2 + [2.0] * 4 + [3.0] * 4
