@@ -32,7 +32,6 @@ from dfkd.engine.rundir import run_status
 
 STEPS = 6
 TINY = ["--method", "dafl", "--steps", str(STEPS), "--quiet", "--no-eval", "batch_size=32", "options.ngf=8", "samples=32"]
-TEMP_PREFIXES = (".",)
 
 
 # --------------------------------------------------------------------------- helpers

@@ -135,15 +135,17 @@ def available_memory(device: torch.device) -> int | None:
         return None
 
 
-def check_memory(image_shape, options: dict, samples: int, device: torch.device) -> None:
+def check_memory(image_shape, options: dict, samples: int, device: torch.device, steps: int = 1) -> None:
     """Refuse a run whose batches cannot fit in memory, before anything is allocated: a batch
-    needs at least ``MEMORY_FACTOR`` x its images' float32 bytes (image pools and the plot
-    samples their own bytes)."""
+    needs at least ``MEMORY_FACTOR`` x its images' float32 bytes (an image pool and the plot
+    samples their own bytes: the pool as full as ``steps`` can fill it)."""
     per_image = 4
     for side in image_shape:
         per_image *= int(side)
     batch = max(int(options.get(key) or 0) for key in ("batch_size", "synthesis_batch_size"))
-    need = per_image * (batch * MEMORY_FACTOR + int(options.get("pool_size") or 0) + int(samples or 0))
+    rounds = -(-int(steps) // max(1, int(options.get("student_steps_per_round") or 1)))
+    pool = min(int(options.get("pool_size") or 0), int(options.get("synthesis_batch_size") or 0) * rounds)
+    need = per_image * (batch * MEMORY_FACTOR + pool + int(samples or 0))
     have = available_memory(device)
     if have is not None and need > have:
         shape = "x".join(str(int(v)) for v in image_shape)
@@ -262,7 +264,7 @@ def execute(config: RunConfig, teacher: nn.Module, meta: dict, *, resume: bool =
     resolved = method.resolve_options(options)  # unknown options, wrong types
     seed_everything(cfg["seed"])
     device = resolve_device(cfg["device"])
-    check_memory(meta["image_shape"], resolved, cfg["samples"], device)
+    check_memory(meta["image_shape"], resolved, cfg["samples"], device, cfg["steps"])
 
     teacher = freeze(teacher.to(device))
     classes = list(meta["classes"])
