@@ -648,10 +648,19 @@ def test_resume_allows_where_and_how_often_to_save(teacher, reference, tmp_path,
     saved = yaml.safe_load((out / "config.yaml").read_text())
     saved.update(out="/elsewhere/moved", checkpoint_seconds=10.0, log_every=1)
     (out / "config.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
-    code, out_text, err = dfkd(capsys, "distill", "--resume", out)
+    code, out_text, err = dfkd(capsys, "distill", "--resume", out, "--device", "cpu", "--checkpoint-every", "1")
     assert code == 0, err
     assert "completing" in out_text and run_status(out) == "finished"
     assert_same_student(out, reference[1])
+
+
+@pytest.mark.parametrize("given", [["steps=10"], ["--seed", "1"], ["--bn-weight", "0"], ["--overwrite"],
+                                   ["--out", "elsewhere"], ["--student-lr", "0.1", "options.ngf=4"]])
+def test_resume_refuses_settings_that_would_not_apply(reference, tmp_path, capsys, given):
+    out = _trained_copy(reference, tmp_path)
+    code, _, err = dfkd(capsys, "distill", "--resume", out, "--quiet", *given)
+    one_line_error(err, code, 2, f"--resume {out} continues the run with its own config.yaml", given[0].split("=")[0])
+    assert run_status(out) == "training" and not (out / rundir.SUMMARY).exists()
 
 
 # --------------------------------------------------------------------------- 9, 10, 13: hostile files

@@ -58,7 +58,7 @@ def amalgamate(config: AmalgamateConfig | dict | None = None, *, resume: bool | 
     from teachers.device import resolve_device
 
     if resume:
-        config, _ = resume_config(resume, AmalgamateConfig)
+        config, _ = resume_config(resume, AmalgamateConfig, fields)
     else:
         base = config.to_dict() if isinstance(config, AmalgamateConfig) else dict(config or {})
         config = AmalgamateConfig.from_layers(base, fields)

@@ -16,11 +16,12 @@ def distill(config: DistillConfig | dict | None = None, *, resume: bool | str = 
     ``config`` is a :class:`DistillConfig`, a mapping of its keys, or ``None``; keyword
     ``fields`` override it (``dfkd.distill(teacher="t.pt", method="fast", steps=200,
     out="runs/x")``). ``resume=RUN_DIR`` completes an unfinished run from its own
-    ``config.yaml`` (continuing from ``state.pt``, or starting again if none was saved);
+    ``config.yaml`` (continuing from ``state.pt``, or starting again if none was saved; ``fields``
+    may then only change :data:`dfkd.engine.rundir.RESUME_FREE_KEYS`, e.g. ``device``);
     ``overwrite`` replaces a run (finished or not) in ``out``.
     """
     if resume:
-        config, _ = resume_config(resume, DistillConfig)
+        config, _ = resume_config(resume, DistillConfig, fields)
     else:
         base = config.to_dict() if isinstance(config, DistillConfig) else dict(config or {})
         config = DistillConfig.from_layers(base, fields)

@@ -108,12 +108,18 @@ def check_new_run_dir(out: Path, overwrite: bool) -> None:
         clear_run_files(out)
 
 
-def resume_config(run_dir, config_class: type[RunConfig]):
+def resume_config(run_dir, config_class: type[RunConfig], changes: dict | None = None):
     """The saved config of the unfinished run in ``run_dir`` (:func:`dfkd.engine.rundir.run_status`:
-    finished, or no run at all, is refused) and whether it has a state to continue from
-    (training/trained; a started run restarts from its config)."""
+    finished, or no run at all, is refused) with ``changes`` to keys that do not change the run
+    (:data:`dfkd.engine.rundir.RESUME_FREE_KEYS`; others are refused), and whether it has a
+    state to continue from (training/trained; a started run restarts from its config)."""
     from dfkd.config import load_yaml
 
+    changes = {k: v for k, v in (changes or {}).items() if v is not None}
+    fixed = sorted(set(changes) - set(rundir.RESUME_FREE_KEYS) | ({"out"} & set(changes)))
+    if fixed:
+        raise RunError(f"--resume {run_dir} continues the run with its own config.yaml; {', '.join(fixed)} cannot "
+                       f"change (only {', '.join(k for k in rundir.RESUME_FREE_KEYS if k != 'out')} can)")
     run_dir = Path(run_dir)
     status = run_status(run_dir)
     if status in ("missing", "empty"):
@@ -121,7 +127,7 @@ def resume_config(run_dir, config_class: type[RunConfig]):
     if status == "finished":
         raise RunError(f"--resume {run_dir}: the run already finished (report.md exists); "
                        "start a new run with another --out, or with --overwrite")
-    config = config_class.from_layers(load_yaml(run_dir / rundir.CONFIG), {"out": str(run_dir)})
+    config = config_class.from_layers(load_yaml(run_dir / rundir.CONFIG), {"out": str(run_dir)}, changes)
     return config, (run_dir / rundir.STATE).is_file()
 
 

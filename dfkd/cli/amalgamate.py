@@ -13,7 +13,16 @@
 from __future__ import annotations
 
 from dfkd.api import AmalgamateConfig, amalgamate
-from dfkd.cli.common import add_common, add_run_arguments, command_line, formatter, print_summary, run_layers, sayer
+from dfkd.cli.common import (
+    add_common,
+    add_run_arguments,
+    check_resume_alone,
+    command_line,
+    formatter,
+    print_summary,
+    run_layers,
+    sayer,
+)
 from dfkd.config import ConfigError, parse_value
 
 _OWN_FLAGS = ("zoo", "combine", "synthesis", "features", "layers", "feature_weight", "student_loss", "dataset", "allow_mixed",
@@ -77,7 +86,8 @@ def amalgamate_config(args) -> AmalgamateConfig:
 
 def run(args) -> int:
     if args.resume:
-        result = amalgamate(resume=args.resume, progress=not args.quiet, command=command_line(), say=sayer(args))
+        free = check_resume_alone(args, [k for k in AmalgamateConfig.defaults() if k != "options"])
+        result = amalgamate(resume=args.resume, **free, progress=not args.quiet, command=command_line(), say=sayer(args))
     else:
         result = amalgamate(amalgamate_config(args), overwrite=args.overwrite, progress=not args.quiet,
                             command=command_line(), say=sayer(args))

@@ -56,6 +56,31 @@ def run_layers(args, keys) -> list[dict]:
     return [file_layer, flags, parse_overrides(getattr(args, "overrides", None))]
 
 
+def check_resume_alone(args, keys) -> dict:
+    """``--resume RUN_DIR`` continues a run with its own config.yaml: refuse the settings given
+    with it that would change the run; return those that may change
+    (:data:`dfkd.engine.rundir.RESUME_FREE_KEYS`: device, data root, how often to log and save)."""
+    from dfkd.engine.rundir import RESUME_FREE_KEYS
+
+    flags = given(args, keys)
+    free = {k: v for k, v in flags.items() if k in RESUME_FREE_KEYS and k != "out"}
+    ignored = [f"--{k.replace('_', '-')}" for k in sorted(flags) if k not in free]
+    ignored += [f"--{flag.replace('_', '-')}" for flag in METHOD_FLAGS if getattr(args, flag, None) is not None]
+    ignored += list(getattr(args, "overrides", None) or [])
+    if getattr(args, "config", None):
+        ignored.append("--config")
+    if getattr(args, "overwrite", False):
+        ignored.append("--overwrite")
+    for flag in ("combine_opt", "synthesis_opt"):
+        if getattr(args, flag, None):
+            ignored.append("--" + flag.replace("_", "-"))
+    if ignored:
+        raise CLIError(f"--resume {args.resume} continues the run with its own config.yaml, so {', '.join(ignored)} "
+                       "cannot apply; drop them (a new run can change settings; --device, --data-root, --log-every "
+                       "and --checkpoint-* may be given)")
+    return free
+
+
 def add_common(p, config: bool = True) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars (for scripts)")
     if config:

@@ -2,7 +2,16 @@
 from __future__ import annotations
 
 from dfkd.api import DistillConfig, distill
-from dfkd.cli.common import add_common, add_run_arguments, command_line, formatter, print_summary, run_layers, sayer
+from dfkd.cli.common import (
+    add_common,
+    add_run_arguments,
+    check_resume_alone,
+    command_line,
+    formatter,
+    print_summary,
+    run_layers,
+    sayer,
+)
 
 
 def add_parser(sub) -> None:
@@ -23,7 +32,8 @@ def config_from_args(args) -> DistillConfig:
 
 def run(args) -> int:
     if args.resume:
-        result = distill(resume=args.resume, progress=not args.quiet, command=command_line(), say=sayer(args))
+        free = check_resume_alone(args, [k for k in DistillConfig.defaults() if k != "options"])
+        result = distill(resume=args.resume, **free, progress=not args.quiet, command=command_line(), say=sayer(args))
     else:
         result = distill(config_from_args(args), overwrite=args.overwrite, progress=not args.quiet,
                          command=command_line(), say=sayer(args))
