@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import csv
 import math
-import os
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
+
+from teachers.files import atomic_write
 
 #: metrics.csv columns that are bookkeeping, not curves.
 BOOKKEEPING_COLUMNS = ("step", "seconds", "lr", "images_synthesized")
@@ -34,19 +35,13 @@ def _pyplot():
 
 
 def _save(fig, path) -> Path:
-    """Save ``fig`` as PNG to ``path`` atomically, close it and return the path."""
+    """Save ``fig`` as PNG to ``path`` atomically (:func:`teachers.files.atomic_write`), close
+    it and return the path."""
     plt = _pyplot()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.png")
     try:
-        fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
-        os.replace(tmp, path)
+        return atomic_write(Path(path), lambda handle: fig.savefig(handle, format="png", dpi=100, bbox_inches="tight"))
     finally:
         plt.close(fig)
-        if tmp.exists():
-            tmp.unlink()
-    return path
 
 
 def _numpy(values, dtype=None) -> np.ndarray:

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shlex
 from pathlib import Path
+
+from teachers.files import write_text
 
 #: The figures a run directory may hold, in report order, with what each one shows.
 PLOTS = (
@@ -182,11 +183,4 @@ def write_report(run_dir) -> Path:
         lines += [f"_{note}_", ""]
     for section in (_what_was_run(run_dir, summary), _numbers(summary), _per_class(summary), _sure_teacher(summary), _figures(run_dir)):
         lines += section
-    path = run_dir / "report.md"
-    tmp = run_dir / f".report.md.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as handle:
-        handle.write("\n".join(lines).rstrip() + "\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    return path
+    return write_text(run_dir / "report.md", "\n".join(lines).rstrip() + "\n")
