@@ -25,8 +25,8 @@ def test_readme_example_runs(tmp_path, monkeypatch, capsys):
     exec(compile(readme_python_example(), "README.md", "exec"), namespace)
     run, teacher = namespace["run"], namespace["teacher"]
     assert teacher.test_accuracy > 0.8  # digits, 3 epochs
-    assert (tmp_path / "runs/api/fast/report.md").exists()
-    assert run.summary["method"] == "fast" and run.summary["steps"] == 60
+    assert (tmp_path / "runs/api/dafl/report.md").exists()
+    assert run.summary["method"] == "dafl" and run.summary["steps"] == 100
     assert 0.0 <= run.student_accuracy <= 1.0
     assert namespace["meta"]["classes"] == list(range(10))
     assert "student" in capsys.readouterr().out

@@ -40,6 +40,7 @@ def test_teacher_is_clearly_better_than_chance_and_evaluates(teacher, tmp_path):
     assert "accuracy" in out and "0:" in out or "0" in out
 
 
+@pytest.mark.slow
 def test_distill_writes_run_directory_and_refuses_to_overwrite(teacher, tmp_path):
     run = tmp_path / "run"
     dfkd("distill", "--teacher", teacher, "--method", "dafl", "--steps", 6, "--quiet", "--out", run,
@@ -70,6 +71,7 @@ def test_config_errors_name_the_problem(teacher, tmp_path):
     assert bad.returncode == 2 and "lenet5_half" in bad.stderr
 
 
+@pytest.mark.slow
 def test_zoo_build_verify_list(teacher, tmp_path):
     manifest = tmp_path / "zoo.yaml"
     dfkd("zoo", "build", teacher.parent, "--out", manifest)
@@ -78,6 +80,7 @@ def test_zoo_build_verify_list(teacher, tmp_path):
     assert "lenet5_bn" in table and "digits" in table
 
 
+@pytest.mark.slow
 def test_plot_redraws_from_run_directory(teacher, tmp_path):
     run = tmp_path / "run"
     dfkd("distill", "--teacher", teacher, "--method", "dfad", "--steps", 5, "--quiet", "--out", run,
@@ -90,6 +93,7 @@ def test_plot_redraws_from_run_directory(teacher, tmp_path):
     assert (run / "samples.png").exists()
 
 
+@pytest.mark.slow
 def test_resume_continues_a_killed_run(teacher, tmp_path):
     run = tmp_path / "run"
     dfkd("distill", "--teacher", teacher, "--method", "dafl", "--steps", 8, "--quiet", "--out", run,
@@ -101,6 +105,7 @@ def test_resume_continues_a_killed_run(teacher, tmp_path):
     assert json.loads((run / "summary.json").read_text())["steps"] == 8 and (run / "report.md").exists()
 
 
+@pytest.mark.slow
 def test_import_weights_from_a_plain_state_dict(teacher, tmp_path):
     import torch
 
@@ -119,6 +124,7 @@ def test_import_weights_from_a_plain_state_dict(teacher, tmp_path):
     assert wrong.returncode == 2 and "bn1" in wrong.stderr
 
 
+@pytest.mark.slow
 def test_overrides_may_come_between_options(teacher, tmp_path):
     bad = dfkd("distill", "--teacher", teacher, "steps=3", "--out", tmp_path / "x", "stepz=1", check=False)
     assert bad.returncode == 2 and "unknown config key 'stepz'" in bad.stderr
