@@ -27,7 +27,7 @@ from dfkd.core.losses import kd_loss
 from dfkd.core.options import check_type
 from generators.priors import BNPriors
 from teachers.device import autocast, check_precision
-from teachers.registry import Registry
+from teachers.registry import Registry, name_class
 
 #: run settings that are not method options (the engine owns the student's optimiser)
 STUDENT_RUN_KEYS = ("student_optimizer", "student_lr", "student_weight_decay", "student_momentum", "student_schedule",
@@ -51,13 +51,8 @@ class SynthesizerOptionError(ValueError):
     """An option a method does not accept, or a teacher the method cannot use."""
 
 
-def _named(name: str, cls: type) -> type:
-    cls.name = name
-    return cls
-
-
 #: Every data-free method by name (``@register_synthesizer("dafl")``).
-SYNTHESIZERS: Registry[type["Synthesizer"]] = Registry("method", UnknownSynthesizerError, on_register=_named)
+SYNTHESIZERS: Registry[type["Synthesizer"]] = Registry("method", UnknownSynthesizerError, on_register=name_class)
 
 
 def register_synthesizer(name: str) -> Callable[[type], type]:

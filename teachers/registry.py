@@ -23,7 +23,7 @@ from typing import Any, Callable, Generic, TypeVar
 
 import torch.nn as nn
 
-__all__ = ["Registry", "UnknownModelError", "register_model", "list_models", "unknown_model_message", "MODELS",
+__all__ = ["Registry", "name_class", "UnknownModelError", "register_model", "list_models", "unknown_model_message", "MODELS",
            "TV_PREFIX"]
 
 T = TypeVar("T")
@@ -75,6 +75,13 @@ class Registry(Generic[T]):
                        else f"unknown {self.kind} {name!r}; known {self.kind}s: {', '.join(self.names())}")
             raise self.error(message)
         return self._items[self.key(name)]
+
+
+def name_class(name: str, cls: type) -> type:
+    """An ``on_register`` for registries of classes: the class learns its registered name
+    (``cls.name``)."""
+    cls.name = name
+    return cls
 
 
 TV_PREFIX = "tv:"

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from teachers.registry import Registry
+from teachers.registry import Registry, name_class
 
 __all__ = [
     "KNOWLEDGE",
@@ -71,15 +71,10 @@ def _key(name: str) -> str:
     return name.strip().lower().replace("-", "_")
 
 
-def _named(name: str, cls: type) -> type:
-    cls.name = name
-    return cls
-
-
 #: Every form of knowledge by name (``@register_knowledge("rkd")``); names ignore case and
 #: treat ``-`` as ``_`` (``"ALP-KD"`` is ``"alp_kd"``).
 KNOWLEDGE: Registry[type["Knowledge"]] = Registry("form of knowledge", UnknownKnowledgeError, key=_key,
-                                                  on_register=_named)
+                                                  on_register=name_class)
 
 
 def register_knowledge(name: str) -> Callable[[type], type]:

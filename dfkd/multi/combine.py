@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from dfkd.core.losses import kd_loss
-from teachers.registry import Registry
+from teachers.registry import Registry, name_class
 
 __all__ = [
     "Combiner",
@@ -62,13 +62,8 @@ class CombinerWarning(UserWarning):
     members whose class sets do not connect)."""
 
 
-def _named(name: str, cls: type) -> type:
-    cls.name = name
-    return cls
-
-
 #: Every combiner by name (``@register_combiner("mean_prob")``).
-COMBINERS: Registry[type["Combiner"]] = Registry("combiner", UnknownCombinerError, on_register=_named)
+COMBINERS: Registry[type["Combiner"]] = Registry("combiner", UnknownCombinerError, on_register=name_class)
 
 
 def register_combiner(name: str) -> Callable[[type], type]:
