@@ -58,3 +58,11 @@ def test_timm_is_optional():
     else:
         with pytest.raises(PretrainedError, match="no pretrained model of that name"):
             load_pretrained("timm:no_such_model_at_all")
+
+
+def test_distill_names_the_missing_pretrained_file(hub, tmp_path):
+    import dfkd
+
+    with pytest.raises(PretrainedError, match=r"resnet18-f37072fd\.pth"):
+        dfkd.distill(teacher="tv:resnet18:IMAGENET1K_V1", out=str(tmp_path / "run"), no_eval=True)
+    assert not (tmp_path / "run").exists()

@@ -104,3 +104,20 @@ def test_streaming_memory_does_not_grow_with_the_folder(tmp_path):
 
     small, large = peak_kib(tmp_path / "small"), peak_kib(tmp_path / "large")
     assert large <= 1.10 * small, (small, large)
+
+
+def test_distill_from_a_transfer_set_folder(tmp_path):
+    import dfkd
+    from dfkd.config import ConfigError
+
+    teacher = dfkd.train_teacher(dataset="digits", arch="lenet5", epochs=1, out=str(tmp_path / "t.pt"), progress=False)
+    write_pngs(tmp_path / "set", 40, size=(8, 8))  # another size: resized to the teacher's 32 px
+    run = dfkd.distill(teacher=teacher.path, method="real", transfer_set=str(tmp_path / "set"), steps=4, batch_size=8,
+                       samples=16, out=str(tmp_path / "run"), progress=False)
+    assert run.summary["steps"] == 4 and (run.run_dir / "report.md").exists()
+    with pytest.raises(ConfigError, match="--method real"):
+        dfkd.distill(teacher=teacher.path, method="dafl", transfer_set=str(tmp_path / "set"), out=str(tmp_path / "r2"))
+    with pytest.raises(TransferSetError, match="no such folder"):
+        dfkd.distill(teacher=teacher.path, method="real", transfer_set=str(tmp_path / "none"), steps=2,
+                     out=str(tmp_path / "r3"), progress=False)
+    assert not (tmp_path / "r3").exists()

@@ -20,6 +20,7 @@ from typing import Any
 
 from dfkd.config import ConfigError, merge_config
 from dfkd.core.options import check_type
+from teachers.device import check_precision
 
 # what a number must be: (test, how to say it)
 _AT_LEAST_1 = (lambda v: v >= 1, "at least 1")
@@ -162,11 +163,16 @@ class RunConfig(_Layered):
     student_momentum: Any = None
     student_schedule: Any = None
     student_grad_clip: Any = None
+    precision: str = "auto"  # auto (bf16 on CUDA only), fp32, bf16, fp16 (teachers.device)
+    transfer_set: Any = None  # a folder of images or shards the real method streams (dfkd.data.folder)
     bn_priors: list = field(default_factory=list)
     options: dict = field(default_factory=dict)
 
     def validate(self):
         super().validate()
+        check_precision(self.precision)
+        if self.transfer_set and self.method != "real":
+            raise ConfigError(f"a transfer set is distilled from with --method real, not {self.method!r}")
         for key, value in (self.options or {}).items():
             if key in OPTION_RANGES:
                 _check_range(f"options.{key}", value, OPTION_RANGES[key])

@@ -5,7 +5,7 @@ from pathlib import Path
 
 from dfkd.api.config import DistillConfig
 from dfkd.api.runs import RunError, RunResult, execute, resume_config
-from teachers import load_checkpoint
+from teachers import is_pretrained_spec, load_teacher
 
 
 def distill(config: DistillConfig | dict | None = None, *, resume: bool | str = False, overwrite: bool = False,
@@ -30,9 +30,9 @@ def distill(config: DistillConfig | dict | None = None, *, resume: bool | str = 
         raise RunError("distill needs --out RUN_DIR")
     if not config.teacher:
         raise RunError("distill needs --teacher PATH.pt (a checkpoint written by dfkd train-teacher or dfkd import-weights)")
-    if not Path(config.teacher).is_file():
+    if not is_pretrained_spec(config.teacher) and not Path(config.teacher).is_file():
         raise RunError(f"teacher {config.teacher}: no such file; give a checkpoint written by dfkd train-teacher "
-                       "or dfkd import-weights")
-    teacher, meta = load_checkpoint(config.teacher, map_location="cpu")
+                       "or dfkd import-weights, or a pretrained name such as tv:resnet18:IMAGENET1K_V1")
+    teacher, meta = load_teacher(config.teacher, map_location="cpu")
     return execute(config, teacher, meta, resume=bool(resume), overwrite=overwrite, progress=progress,
                    record={"teacher": str(config.teacher)}, command=command, say=say)

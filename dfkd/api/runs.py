@@ -26,6 +26,7 @@ from torch import nn
 
 from dfkd.api.config import RunConfig
 from dfkd.data import load_dataset
+from dfkd.data.folder import ImageFolderSet
 from dfkd.engine import rundir
 from dfkd.engine.evaluation import EvalData
 from dfkd.engine.optim import StudentOptim
@@ -278,7 +279,9 @@ def execute(config: RunConfig, teacher: nn.Module, meta: dict, *, resume: bool =
     student = build_model(cfg["student"], len(classes), channels, height, meta["mean"], meta["std"]).to(device)
 
     if cfg["method"] == "real":  # the upper bound: KD on real, unlabeled training images
-        if real_images is None:
+        if cfg.get("transfer_set"):  # or any folder of unlabeled images, streamed from disk
+            real_images = ImageFolderSet(cfg["transfer_set"], meta["image_shape"])
+        elif real_images is None:
             train = load_dataset(cfg["eval_dataset"] or meta["dataset"], "train", root=cfg["data_root"],
                                  download=cfg["download"], classes=classes, image_size=height)
             real_images = train.images
@@ -286,7 +289,7 @@ def execute(config: RunConfig, teacher: nn.Module, meta: dict, *, resume: bool =
     bn_priors, prior_records = load_bn_priors(cfg["bn_priors"], meta, device)
     synth = (make_synthesizer or create_synthesizer)(
         cfg["method"], teacher, image_shape=meta["image_shape"], num_classes=len(classes), device=device,
-        seed=cfg["seed"], **({"bn_priors": bn_priors} if bn_priors else {}), **options)
+        seed=cfg["seed"], precision=cfg["precision"], **({"bn_priors": bn_priors} if bn_priors else {}), **options)
     cfg["options"] = dict(synth.options)  # resolved: every method option with its value
     student_optim = StudentOptim.resolve(synth.student_recipe, cfg)
     cfg.update(student_optim.as_config())  # resolved: the student's optimiser as run

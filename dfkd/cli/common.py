@@ -106,6 +106,10 @@ def add_run_arguments(p) -> None:
     p.add_argument("--student-ema", type=float, help="keep a moving average of the student's weights with this decay "
                                                      "(e.g. 0.999) and deliver it (default 0: off)")
     p.add_argument("--samples", type=int, help="synthesized images kept for plots (default 512)")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="mixed precision of forward passes (default auto: bf16 on CUDA, fp32 elsewhere)")
+    p.add_argument("--transfer-set", metavar="DIR", help="--method real: distill from this folder of unlabeled images "
+                                                           "or .npy shards, streamed from disk (dfkd.data.folder)")
     p.add_argument("--student-optimizer", choices=["adam", "sgd"], help="the student's optimizer (default: the method's)")
     p.add_argument("--student-lr", type=float, help="the student's learning rate (default: the method's)")
     p.add_argument("--student-weight-decay", type=float, help="the student's weight decay (default: the method's)")
