@@ -6,7 +6,8 @@ from torch import nn
 
 from dfkd.multi.combine import Combiner, create_combiner
 from dfkd.multi.features import FEATURE_METHODS, AmalgamationError, FeatureAmalgamator
-from dfkd.multi.per_member import PerMemberSynthesizer, member_losses, member_target
+from dfkd.multi.member_targets import member_losses, member_target
+from dfkd.multi.per_member import PerMemberSynthesizer
 from generators.base import Synthesizer
 
 
