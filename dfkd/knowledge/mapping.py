@@ -124,7 +124,7 @@ class _LayerMapping(Knowledge):
 
     def _targets(self) -> dict[int, list[int]]:
         """Student layer -> the teacher layers its adapter must reach (their widths must agree)."""
-        raise NotImplementedError
+        raise NotImplementedError("abstract: each mapping names the teacher layers of each student layer")
 
     def _build(self, ds: list[int], dt: list[int], device=None) -> None:
         for j, ks in self._targets().items():
