@@ -19,7 +19,6 @@ import datetime
 import json
 import os
 import platform
-import resource
 import shutil
 import statistics
 import subprocess
@@ -84,6 +83,9 @@ PUBLISHED = {
     "best": "79.62 (ZSKD, best published data-free on Fashion-MNIST)",
     "dafl": "MNIST: 98.20 (DAFL paper); no Fashion-MNIST number",
     "dfad": "MNIST: 98.3 (DFAD paper); no Fashion-MNIST number",
+    "zskd": "79.62 (ZSKD paper: LeNet-5 90.84% -> LeNet-5-Half, 48,000 DIs)",
+    "zskd-paper": "79.62 (ZSKD paper, this setting unscaled)",
+    "cmi": "CIFAR-10 only (CMI paper); target: fast's row",
 }
 
 # row -> (description, dfkd arguments without --seed/--out). {teacher} is filled in.
@@ -134,17 +136,34 @@ ROWS: dict[str, tuple[str, str]] = {
     "best-zoo3": ("best-zoo + a third BN prior, lenet5_half_bn (the student's architecture with BN)",
                   BEST_RECIPE + bn_prior_flags("best-zoo3")),
     "amal-a": ("amalgamation (a): lenet5_bn 0-4 + resnet8 5-9, data-free (Fast), concat",
-               AMALGAMATE.format(zoo="a", recipe="fast") + " --combine concat"),
+               AMALGAMATE.format(zoo="a", recipe="fast") + " --combine concat --synthesis shared"),
     "amal-a-real": ("amalgamation (a) on real unlabeled images, concat",
                     AMALGAMATE.format(zoo="a", recipe="real") + " --combine concat --dataset fashion-mnist"),
     "amal-b": ("amalgamation (b): + lenet5_half_bn 2-7 (overlapping), data-free (Fast), uhc",
-               AMALGAMATE.format(zoo="b", recipe="fast") + " --combine uhc"),
+               AMALGAMATE.format(zoo="b", recipe="fast") + " --combine uhc --synthesis shared"),
     "amal-b-real": ("amalgamation (b) on real unlabeled images, uhc",
                     AMALGAMATE.format(zoo="b", recipe="real") + " --combine uhc --dataset fashion-mnist"),
+    "amal-a-cal": ("amalgamation (a), data-free (Fast, one synthesizer for the zoo), calibrated_concat",
+                   AMALGAMATE.format(zoo="a", recipe="fast") + " --combine calibrated_concat --synthesis shared"),
+    "amal-a-cal-real": ("amalgamation (a) on real unlabeled images, calibrated_concat",
+                        AMALGAMATE.format(zoo="a", recipe="real") + " --combine calibrated_concat --dataset fashion-mnist"),
+    "amal-b-cal-real": ("amalgamation (b) on real unlabeled images, calibrated_concat",
+                        AMALGAMATE.format(zoo="b", recipe="real") + " --combine calibrated_concat --dataset fashion-mnist"),
+    "amal-a-pm": ("amalgamation (a), data-free, per-member synthesis (a Fast synthesizer per member), "
+                  "calibrated_concat (both the defaults)",
+                  AMALGAMATE.format(zoo="a", recipe="fast") + " --synthesis per-member"),
+    "amal-b-pm": ("amalgamation (b), data-free, per-member synthesis, uhc for the merged prediction (both the defaults)",
+                  AMALGAMATE.format(zoo="b", recipe="fast") + " --synthesis per-member"),
     "amal-single": ("reference: the amalgamation recipe with the single 10-class teacher, data-free",
                     DISTILL + " --config configs/fashion-mnist/amalgamate-fast.yaml"),
     "amal-single-real": ("reference: the amalgamation recipe with the single 10-class teacher, real images",
                          DISTILL + " --config configs/fashion-mnist/amalgamate-real.yaml"),
+    "zskd": ("ZSKD (CPU budget recipe: 12,000 Data Impressions, the best recipe's student training)",
+             DISTILL + " --config configs/fashion-mnist/zskd.yaml"),
+    "zskd-paper": ("ZSKD, the paper's setting (48,000 DIs, KD at T=20, its augmentation), scaled: 100 DI steps, 20,000 student steps",
+                   DISTILL + " --config configs/fashion-mnist/zskd-paper.yaml"),
+    "cmi": ("CMI (CPU budget recipe sized like fast's: generator kept across rounds, 2 steps per round)",
+            DISTILL + " --config configs/fashion-mnist/cmi.yaml"),
 }
 
 

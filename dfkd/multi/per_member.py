@@ -76,7 +76,7 @@ PER_MEMBER_METHODS = ("fast", "deepinversion")
 OTHER_LOGIT = -1e4
 
 #: per-member settings and their defaults (``synthesis_options`` of dfkd.amalgamate)
-DEFAULTS = {"origin_prior": 0.9, "negative_weight": 1.0, "cross_member": True, "balance": True,
+DEFAULTS = {"origin_prior": 0.9, "negative_weight": 0.0, "cross_member": True, "balance": True,
             "cache_targets": False}
 
 
