@@ -313,3 +313,22 @@ def test_uhc_warns_on_class_sets_that_do_not_connect_and_names_what_to_use():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         create_combiner("uhc").check_mask(PARTIAL, ["a", "b"])  # overlapping: no warning
+
+
+def test_calibrated_share_keeps_each_members_distribution_by_hand():
+    comb = create_combiner("calibrated_share", momentum=1.0).train()
+    seen = torch.tensor([[[2.0, 0.0, 0.0], [4.0, 2.0, 0.0]], [[0.0, 0.0, 1.0], [0.0, 0.0, 5.0]]])
+    comb(seen, DISJOINT)  # means (3, 1 | 3), variances (1, 1 | 4)
+    comb.eval()
+    z = torch.tensor([[[5.0, 1.0, GARBAGE]], [[GARBAGE, GARBAGE, 4.0]]])
+    zhat0 = [(5.0 - 3.0) / math.sqrt(1 + 1e-4), (1.0 - 1.0) / math.sqrt(1 + 1e-4)]
+    zhat1 = [(4.0 - 3.0) / math.sqrt(4 + 1e-4)]
+    e0, e1 = math.log(sum(math.exp(v) for v in zhat0)), zhat1[0]
+    w0 = math.exp(e0) / (math.exp(e0) + math.exp(e1))
+    p0 = softmax([5.0, 1.0])
+    assert close(comb(z, DISJOINT)[0].exp(), [w0 * p0[0], w0 * p0[1], 1 - w0])
+    # the members' shares are calibrated_concat's
+    concat = create_combiner("calibrated_concat", momentum=1.0).train()
+    concat(seen, DISJOINT)
+    shares = concat.eval()(z, DISJOINT)[0].softmax(0)
+    assert math.isclose(shares[:2].sum().item(), w0, rel_tol=1e-5)

@@ -43,7 +43,7 @@ from dfkd.multi.combine import (
     register_combiner,
 )
 
-__all__ = ["LogitCalibration", "CalibratedConcat", "GroupShare", "member_groups"]
+__all__ = ["LogitCalibration", "CalibratedConcat", "CalibratedShare", "GroupShare", "member_groups"]
 
 
 class LogitCalibration(nn.Module):
@@ -157,6 +157,33 @@ class CalibratedConcat(_Calibrated):
         logits, mask = check_logits(logits, mask)
         self.observe(logits, mask)
         return self.scale * masked_mean_logits(self.calibration.standardize(logits), mask)
+
+
+@register_combiner("calibrated_share")
+class CalibratedShare(_Calibrated):
+    """Each member keeps its own distribution; how much of the merged distribution it gets is
+    its calibrated evidence::
+
+        e_t(x) = logsumexp_{k in C_t} zhat_t(k)       zhat: as in calibrated_concat
+        w_t(x) = softmax_t(e_t(x))
+        p(k)   = sum_t w_t(x) p_t(k)                  p_t = softmax(z_t) over C_t; returns log p
+
+    For disjoint class sets the members' shares are those of ``calibrated_concat``; within a
+    member the ranking and sharpness are the member's own instead of the standardised
+    logits'. It is the per-member synthesis target (:mod:`dfkd.multi.member_targets`) with no
+    origin. Overlapping classes receive the share-weighted mixture.
+    """
+
+    def describe(self):
+        return {"momentum": self.calibration.momentum}
+
+    def forward(self, logits, mask):
+        logits, mask = check_logits(logits, mask)
+        self.observe(logits, mask)
+        known = mask[:, None, :]
+        zhat = self.calibration.standardize(logits)
+        weights = torch.softmax(torch.logsumexp(zhat.masked_fill(~known, float("-inf")), dim=-1), dim=0)  # (T, B)
+        return floored_log((weights[..., None] * masked_softmax(logits, mask)).sum(dim=0))
 
 
 def member_groups(mask: torch.Tensor) -> torch.Tensor:
