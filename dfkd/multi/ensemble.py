@@ -10,15 +10,13 @@ A teacher zoo may mix architectures, input normalisations and class sets. The en
 - merges the members' logits with a combiner of :mod:`dfkd.multi.combine` (``forward``) and exposes
   per-member logits and penultimate features (``forward_all``).
 
-It is accepted wherever one teacher is: ``forward(x)`` returns merged logits over the union;
-``mean``/``std`` are the **first member's** (synthesizers that shape their images with a
-teacher's statistics use them); ``head_path`` names an ``nn.Identity`` through which the
-concatenation of every member's penultimate features passes, so
-:func:`dfkd.core.taps.penultimate_tap` (DAFL, the embedding plots) sees all members;
-``block_paths`` is empty (ZSKT's attention term is skipped: members' blocks do not pair with
-one student); every member's BatchNorm layers are reached by ``modules()`` (DeepInversion
-matches all of them); ``train()`` leaves members in eval mode. The ensemble has no ``net``
-attribute on purpose: module paths are resolved on the ensemble itself.
+It is accepted wherever one teacher is: ``forward(x)`` returns merged logits over the union; ``mean``/``std``
+are the **first member's** (synthesizers that shape their images with a teacher's statistics use them);
+``head_path`` names an ``nn.Identity`` through which the concatenation of every member's penultimate features
+passes, so :func:`dfkd.core.taps.penultimate_tap` (DAFL, the embedding plots) sees all members; ``block_paths``
+is empty (ZSKT's attention term is skipped: members' blocks do not pair with one student); every member's
+BatchNorm layers are reached by ``modules()`` (DeepInversion matches all of them); ``train()`` leaves members
+in eval mode. The ensemble has no ``net`` attribute on purpose: module paths are resolved on the ensemble itself.
 
 Members from different data sets, or with different image shapes, are an error unless the
 user says how to merge them:
@@ -289,16 +287,12 @@ class TeacherEnsemble(nn.Module):
     def _check_names(name: str, keys: list, labels: list[str], named: dict, key_of: dict) -> None:
         """Refuse two members that give one class two names, or one name to two classes."""
         for k, label in zip(keys, labels):
-            other, other_label = named.setdefault(k, (name, label))
-            if other_label != label:
-                raise EnsembleError(f"class names clash: class {k} is {other_label!r} for member {other!r} but "
-                                    f"{label!r} for member {name!r}; give class_map={{member: [union ids]}} to say "
-                                    "which classes are the same")
-            other, other_key = key_of.setdefault(label, (name, k))
-            if other_key != k:
-                raise EnsembleError(f"class names clash: {label!r} is class {other_key} for member {other!r} but "
-                                    f"class {k} for member {name!r}; give class_map={{member: [union ids]}} to say "
-                                    "which classes are the same")
+            (other, other_label), (other2, other_key) = named.setdefault(k, (name, label)), key_of.setdefault(label, (name, k))
+            clash = (f"class {k} is {other_label!r} for member {other!r} but {label!r}" if other_label != label else
+                     f"{label!r} is class {other_key} for member {other2!r} but class {k}" if other_key != k else None)
+            if clash:
+                raise EnsembleError(f"class names clash: {clash} for member {name!r}; give class_map={{member: [union "
+                                    "ids]}} to say which classes are the same")
 
     # -- label space --------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -364,24 +358,21 @@ class TeacherEnsemble(nn.Module):
         }
 
     # -- forward ------------------------------------------------------------------------------
-    def _member_forward(self, i: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _member_forward(self, i: int, x: torch.Tensor, tap: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
         member, head = self.members[i], self.member_heads[i]
         if self.member_shapes[i] != tuple(x.shape[1:]):
             x = adapt_input(x, self.member_shapes[i])
-        with FeatureTap(member, [head], capture="input") as tap:
+        with FeatureTap(member, [head] if tap else [], capture="input") as taps:
             logits = member(x)
-            features = tap[head]
+            features = taps[head].flatten(1).float() if tap else None
         if logits.dim() != 2 or logits.shape[1] != self.index(i).numel():
             raise EnsembleError(f"member {self.names[i]!r} returned logits of shape {tuple(logits.shape)} but its "
                                 f"meta lists {self.index(i).numel()} classes")
-        return logits.float(), features.flatten(1).float()
+        return logits.float(), features
 
     def member_logits(self, i: int, x: torch.Tensor) -> torch.Tensor:
-        """Member ``i``'s logits over its own classes ``(B, k_i)`` (float), the input adapted to
-        its image shape; no features are tapped."""
-        if self.member_shapes[i] != tuple(x.shape[1:]):
-            x = adapt_input(x, self.member_shapes[i])
-        return self.members[i](x).float()
+        """Member ``i``'s logits over its own classes ``(B, k_i)`` (float); no features tapped."""
+        return self._member_forward(i, x, tap=False)[0]
 
     def forward_all(self, x: torch.Tensor, combiner: Combiner | None = None) -> EnsembleOutput:
         """Every member's logits and features, and the merged logits (``combiner`` or the
