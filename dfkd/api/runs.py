@@ -9,6 +9,12 @@ engine and writes, in this order, ``student.pt``, ``samples.pt`` and the plots,
 (:mod:`dfkd.engine.rundir`); a run killed before that is resumed with ``resume=True``, which
 completes whatever is missing. A new run that fails before its first step leaves no
 directory behind if it created it (and only removes its own files from one that existed).
+
+Launched by ``torchrun`` (:mod:`dfkd.engine.distributed`), every rank builds the same student
+and its own synthesizer (seeded by rank, with ``batch_size / world_size`` and
+``synthesis_batch_size / world_size`` images, so the global batch is the configured one, and
+the config keeps the global sizes); rank 0 alone takes the lock, prepares the directory and
+writes every file, and tells the others whether the run starts and from what state.
 """
 from __future__ import annotations
 
@@ -28,6 +34,7 @@ from dfkd.api.config import RunConfig
 from dfkd.data import load_dataset
 from dfkd.data.folder import ImageFolderSet
 from dfkd.engine import rundir
+from dfkd.engine.distributed import broadcast_object, init_from_env, per_rank_batch, rank_seed, shutdown
 from dfkd.engine.evaluation import EvalData
 from dfkd.engine.optim import StudentOptim
 from dfkd.engine.run import DistillationRun, RunInterrupted, RunOptions
@@ -254,8 +261,6 @@ def execute(config: RunConfig, teacher: nn.Module, meta: dict, *, resume: bool =
     """Run ``config`` with ``teacher`` (a model or an ensemble, with its checkpoint-style
     ``meta``) into ``config.out``; see the module docstring for what is written when.
     ``resume=True`` continues the run in ``config.out`` (whose config ``config`` is)."""
-    from generators import create_synthesizer
-
     config.validate()
     cfg = config.to_dict()
     if not cfg["out"]:
@@ -272,11 +277,32 @@ def execute(config: RunConfig, teacher: nn.Module, meta: dict, *, resume: bool =
     seed_everything(cfg["seed"])
     device = resolve_device(cfg["device"])
     check_memory(meta["image_shape"], resolved, cfg["samples"], device, cfg["steps"])
+    world, device = init_from_env(device)
+    try:
+        return _execute(cfg, out, options, resolved, world, device, teacher, meta, resume=resume,
+                        overwrite=overwrite, progress=progress, make_synthesizer=make_synthesizer,
+                        summary_extras=summary_extras, real_images=real_images, record=record, command=command,
+                        say=say)
+    finally:
+        if world.distributed:
+            shutdown()
+
+
+def _execute(cfg, out, options, resolved, world, device, teacher, meta, *, resume, overwrite, progress,
+             make_synthesizer, summary_extras, real_images, record, command, say) -> RunResult:
+    """:func:`execute` once the config is checked and this process knows its rank and device."""
+    from generators import create_synthesizer
+
+    per_rank = {key: per_rank_batch(int(resolved[key]), world, key)
+                for key in ("batch_size", "synthesis_batch_size") if world.distributed and resolved.get(key)}
+    options.update(per_rank)
 
     teacher = freeze(teacher.to(device))
     classes = list(meta["classes"])
     channels, height, _ = meta["image_shape"]
     student = build_model(cfg["student"], len(classes), channels, height, meta["mean"], meta["std"]).to(device)
+    if world.distributed:  # the same student everywhere (DDP checks it), each rank its own draws
+        seed_everything(rank_seed(cfg["seed"], world))
 
     if cfg["method"] == "real":  # the upper bound: KD on real, unlabeled training images
         if cfg.get("transfer_set"):  # or any folder of unlabeled images, streamed from disk
@@ -289,8 +315,8 @@ def execute(config: RunConfig, teacher: nn.Module, meta: dict, *, resume: bool =
     bn_priors, prior_records = load_bn_priors(cfg["bn_priors"], meta, device)
     synth = (make_synthesizer or create_synthesizer)(
         cfg["method"], teacher, image_shape=meta["image_shape"], num_classes=len(classes), device=device,
-        seed=cfg["seed"], precision=cfg["precision"], **({"bn_priors": bn_priors} if bn_priors else {}), **options)
-    cfg["options"] = dict(synth.options)  # resolved: every method option with its value
+        seed=rank_seed(cfg["seed"], world), precision=cfg["precision"], **({"bn_priors": bn_priors} if bn_priors else {}), **options)
+    cfg["options"] = {**synth.options, **{key: resolved[key] for key in per_rank}}  # resolved, global batch sizes
     student_optim = StudentOptim.resolve(synth.student_recipe, cfg)
     cfg.update(student_optim.as_config())  # resolved: the student's optimiser as run
 
@@ -306,32 +332,27 @@ def execute(config: RunConfig, teacher: nn.Module, meta: dict, *, resume: bool =
     run_options = RunOptions(
         steps=cfg["steps"], eval_every=cfg["eval_every"], log_every=cfg["log_every"],
         checkpoint_every=cfg["checkpoint_every"], checkpoint_seconds=float(cfg["checkpoint_seconds"]), config=cfg,
-        progress=progress, seed=cfg["seed"], student_ema=float(cfg["student_ema"] or 0.0), student_optim=student_optim,
+        progress=progress and world.is_main, seed=cfg["seed"], world=world, student_ema=float(cfg["student_ema"] or 0.0), student_optim=student_optim,
         extra_summary={"student": cfg["student"], "class_names": list(meta["class_names"]), "device": str(device),
                        **(record or {}), **({"command": command} if command else {}),
                        **({"bn_priors": prior_records} if prior_records else {})})
 
-    created = _missing_dirs(out)
-    lock = RunLock(out).acquire()  # for the whole run: a second process gets RunDirBusyError
-    handler, run, wrote = None, None, []
+    created = _missing_dirs(out) if world.is_main else []
+    lock = RunLock(out).acquire() if world.is_main else None  # for the whole run: another process gets RunDirBusyError
+    handler, run, wrote, has_state = None, None, [], False
     try:
-        status = run_status(out)
-        if resume:
-            if status == "finished":
-                raise RunError(f"--resume {out}: the run already finished (report.md exists)")
-            if status in ("missing", "empty"):
-                raise RunError(f"--resume {out}: no config.yaml there; is it a dfkd run directory?")
-            has_state = (out / rundir.STATE).is_file()
-            if not has_state:  # started (or its state was lost): start again from the saved config
-                clear_run_files(out, keep=(rundir.CONFIG,))
-        else:
-            check_new_run_dir(out, overwrite)
-            has_state = False
-        handler = setup_logging(out)
-        wrote.append(rundir.LOG)
-        if not has_state:
-            write_yaml(out / rundir.CONFIG, cfg)
-            wrote.append(rundir.CONFIG)
+        refusal = None
+        if world.is_main:
+            try:
+                has_state = _prepare_run_dir(out, cfg, resume, overwrite, wrote)
+                handler = setup_logging(out)
+            except BaseException as exc:
+                refusal = exc
+        has_state, refused = broadcast_object((has_state, None if refusal is None else str(refusal)), world)
+        if refusal is not None:
+            raise refusal
+        if refused is not None:
+            raise RunError(f"rank 0 did not start the run: {refused}")
         run = DistillationRun(teacher, student, synth, out, run_options, eval_data=eval_data, student_meta=student_meta,
                               teacher_accuracy=meta.get("test_accuracy"), device=device)
         if has_state:
@@ -343,6 +364,9 @@ def execute(config: RunConfig, teacher: nn.Module, meta: dict, *, resume: bool =
         elif resume:
             say(f"restarting {out} from its config.yaml (no state was saved)")
         summary = run.run()
+        summary["options"] = dict(cfg["options"])  # the global batch sizes under torchrun
+        if not world.is_main:  # rank 0 analyses, writes and reports
+            return RunResult(out, summary)
         summary.update(analyze(out, teacher, student, synth, eval_data, meta, device, cfg["samples"]))
         if summary_extras is not None:
             summary.update(summary_extras(student, device))
@@ -361,7 +385,8 @@ def execute(config: RunConfig, teacher: nn.Module, meta: dict, *, resume: bool =
         handler = None
         before_first_step = run is None or (run.step == 0 and run.saved_step is None)
         if not resume and before_first_step:
-            _remove_failed_start(out, created, wrote)
+            if world.is_main:
+                _remove_failed_start(out, created, wrote)
             if isinstance(exc, RunInterrupted):  # nothing to resume: a plain interrupt
                 raise KeyboardInterrupt from None
             raise
@@ -370,4 +395,27 @@ def execute(config: RunConfig, teacher: nn.Module, meta: dict, *, resume: bool =
         raise
     finally:
         _close_logging(handler)
-        lock.release()
+        if lock is not None:
+            lock.release()
+
+
+def _prepare_run_dir(out: Path, cfg: dict, resume: bool, overwrite: bool, wrote: list[str]) -> bool:
+    """Check the locked run directory for a new run or a resume, write ``config.yaml`` for a run
+    that starts from nothing; whether there is a state to continue from."""
+    status = run_status(out)
+    if resume:
+        if status == "finished":
+            raise RunError(f"--resume {out}: the run already finished (report.md exists)")
+        if status in ("missing", "empty"):
+            raise RunError(f"--resume {out}: no config.yaml there; is it a dfkd run directory?")
+        has_state = (out / rundir.STATE).is_file()
+        if not has_state:  # started (or its state was lost): start again from the saved config
+            clear_run_files(out, keep=(rundir.CONFIG,))
+    else:
+        check_new_run_dir(out, overwrite)
+        has_state = False
+    wrote.append(rundir.LOG)
+    if not has_state:
+        write_yaml(out / rundir.CONFIG, cfg)
+        wrote.append(rundir.CONFIG)
+    return has_state

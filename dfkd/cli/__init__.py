@@ -18,6 +18,7 @@ import sys
 
 from dfkd.cli import amalgamate, demo, distill, plot, teacher, zoo
 from dfkd.cli.common import CLIError
+from dfkd.engine.distributed import launched_by_torchrun
 from dfkd.engine.run import DistillationError, RunInterrupted
 from teachers.files import FileWriteError
 
@@ -62,6 +63,8 @@ def main(argv=None) -> int:
         parser.print_help()
         return 1
     debug = bool(os.environ.get("DFKD_DEBUG"))
+    if launched_by_torchrun() and int(os.environ["RANK"]) > 0:  # rank 0 speaks for the run; errors still show
+        sys.stdout = open(os.devnull, "w")
     prefix = f"dfkd {args.command}: error:"
     try:
         return args.func(args)

@@ -19,7 +19,8 @@ own. Code reads them through :func:`head_path`, :func:`block_paths`, :func:`memb
 ``FeatureTap(model, ["layer2", "fc"])`` captures the outputs (or inputs) of modules named by
 their ``named_modules()`` path. Paths are resolved on ``model.net`` when the model is a
 normalisation wrapper (so users write the paths of the architecture they know), else on the
-model itself, so stock torchvision models work unchanged.
+model itself, so stock torchvision models work unchanged. A model wrapped for training in
+``DistributedDataParallel`` is read through its ``module``.
 """
 from __future__ import annotations
 
@@ -33,8 +34,14 @@ class FeatureTapError(ValueError):
     """A module path that does not exist in the model."""
 
 
+def unwrap_parallel(model: nn.Module) -> nn.Module:
+    """The model itself, out of a ``DistributedDataParallel`` wrapper when it is in one."""
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
 def inner_network(model: nn.Module) -> nn.Module:
     """The network whose module paths users name: ``model.net`` for wrappers, else ``model``."""
+    model = unwrap_parallel(model)
     return getattr(model, "net", model)
 
 
@@ -106,12 +113,13 @@ class FeatureTap:
 
 def head_path(model: nn.Module) -> str | None:
     """The model's ``head_path`` (module docstring), or ``None`` when it declares none."""
-    return getattr(model, "head_path", None) or getattr(inner_network(model), "head_path", None)
+    return getattr(unwrap_parallel(model), "head_path", None) or getattr(inner_network(model), "head_path", None)
 
 
 def block_paths(model: nn.Module) -> tuple[str, ...]:
     """The model's ``block_paths`` (module docstring); empty when it declares none."""
-    return tuple(getattr(model, "block_paths", None) or getattr(inner_network(model), "block_paths", None) or ())
+    return tuple(getattr(unwrap_parallel(model), "block_paths", None) or getattr(inner_network(model), "block_paths", None)
+                 or ())
 
 
 def members(model: nn.Module) -> list[nn.Module]:

@@ -153,4 +153,94 @@ def wrap_student(student: nn.Module, world: World, device: torch.device) -> nn.M
     """The student as the engine trains it: DistributedDataParallel across ranks, else itself."""
     if not world.distributed:
         return student
-    return nn.parallel.DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None)
+    return nn.parallel.DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None,
+                                               gradient_as_bucket_view=True)  # no copy; any memory layout
+
+
+def broadcast_buffers(module: nn.Module, world: World) -> None:
+    """Copy rank 0's buffers (BatchNorm running statistics) to every rank, so that the replicas
+    evaluate and save alike (DDP broadcasts them at the start of each forward; each rank's last
+    training forward then moves its own copy)."""
+    if world.distributed:
+        for buffer in module.buffers():
+            dist.broadcast(buffer, 0)
+
+
+def average_gradients(parameters, world: World) -> None:
+    """Average the gradients of parameters trained outside the DDP student (feature adapters)."""
+    if not world.distributed:
+        return
+    for p in parameters:
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad.div_(world.world_size)
+
+
+def all_min(tensor: torch.Tensor, world: World) -> torch.Tensor:
+    """The element-wise minimum over the ranks (flags that must hold on every rank)."""
+    if world.distributed:
+        tensor = tensor.clone()
+        dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
+    return tensor
+
+
+def mean_over_ranks(tensor: torch.Tensor, world: World) -> torch.Tensor:
+    """The element-wise mean over the ranks (logged loss terms)."""
+    if world.distributed:
+        tensor = tensor.clone()
+        dist.all_reduce(tensor)
+        tensor = tensor / world.world_size
+    return tensor
+
+
+def rank0_flags(world: World, device: torch.device, *values: bool) -> tuple[bool, ...]:
+    """Rank 0's ``values`` on every rank: decisions taken from a clock or a signal (save now?
+    stop now?) must be the same everywhere, or the ranks would wait on different collectives."""
+    if not world.distributed:
+        return tuple(bool(v) for v in values)
+    flags = torch.tensor([int(bool(v)) for v in values], device=device)
+    dist.broadcast(flags, 0)
+    return tuple(bool(v) for v in flags.tolist())
+
+
+def to_cpu(value):
+    """``value`` (nested dicts, lists, tuples) with every tensor moved to the CPU: what one
+    rank sends another must not name a device the other does not own."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    if isinstance(value, dict):
+        return {k: to_cpu(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(to_cpu(v) for v in value)
+    return value
+
+
+def broadcast_object(value, world: World):
+    """Rank 0's picklable ``value`` on every rank."""
+    if not world.distributed:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def gather_objects(value, world: World) -> list | None:
+    """Every rank's picklable ``value`` in rank order on rank 0 (``None`` elsewhere)."""
+    if not world.distributed:
+        return [value]
+    found = [None] * world.world_size if world.is_main else None
+    dist.gather_object(value, found, dst=0)
+    return found
+
+
+def replicas_differ(module: nn.Module, world: World) -> float:
+    """The largest difference between any rank's parameters and rank 0's (0.0: identical),
+    on every rank."""
+    if not world.distributed:
+        return 0.0
+    flat = torch.cat([p.detach().float().flatten() for p in module.parameters()])
+    reference = flat.clone()
+    dist.broadcast(reference, 0)
+    gap = (flat - reference).abs().max().reshape(1)
+    dist.all_reduce(gap, op=dist.ReduceOp.MAX)
+    return float(gap.item())

@@ -13,6 +13,13 @@ State (``state.pt``, with the resolved config; ``synthesizer.pt``) is saved at r
 ``checkpoint_seconds`` and/or ``checkpoint_every`` steps, at the end, and on Ctrl-C: the first
 SIGINT finishes the round, saves it and raises :class:`RunInterrupted`; a second stops at once.
 :mod:`dfkd.engine.rundir` states what a run directory guarantees.
+
+Under ``torchrun`` (``RunOptions.world``, :mod:`dfkd.engine.distributed`) every rank runs this
+loop on its own share of the images: the student steps through ``DistributedDataParallel``
+(identical weights everywhere), the finiteness guard and the logged terms are reduced over the
+ranks, the decision to save is rank 0's, evaluation is sharded, and only rank 0 writes; the
+state holds every rank's synthesizer and random state, so a run resumes with the same number
+of processes only.
 """
 from __future__ import annotations
 
@@ -27,6 +34,22 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from dfkd.engine.distributed import (
+    SINGLE,
+    World,
+    all_gather_cat,
+    all_min,
+    average_gradients,
+    broadcast_buffers,
+    gather_objects,
+    mean_over_ranks,
+    rank0_flags,
+    replicas_differ,
+    shard,
+    sum_int,
+    to_cpu,
+    wrap_student,
+)
 from dfkd.engine.ema import WeightAverage
 from dfkd.engine.evaluation import EvalData, match_rate, per_class_accuracy, predict
 from dfkd.engine.optim import StudentOptim
@@ -66,6 +89,7 @@ class RunOptions:
     extra_summary: dict = field(default_factory=dict)
     student_ema: float = 0.0  # decay of a moving average of the student's weights (dfkd.engine.ema); 0: off
     student_optim: StudentOptim | None = None  # None: the method's recipe (Synthesizer.student_recipe)
+    world: World = SINGLE  # the processes of a torchrun launch (dfkd.engine.distributed)
 
 
 class DistillationRun:
@@ -96,11 +120,13 @@ class DistillationRun:
         self.optimizer = self.student_optim.build(student.parameters())
         self.base_lrs = [group["lr"] for group in self.optimizer.param_groups]
         self.grad_clip = float(self.student_optim.grad_clip)
+        self.world = options.world
+        self.train_student = wrap_student(student, self.world, self.device)  # DDP under torchrun
         self.step = 0
         self.elapsed = 0.0
         self.metrics: list[dict] = []
         self.synth.attach_student(student)
-        extra = [p for p in synthesizer.extra_parameters() if p.requires_grad]
+        self.extra = extra = [p for p in synthesizer.extra_parameters() if p.requires_grad]
         if extra:  # parameters the method trains with the student (e.g. feature-amalgamation adapters)
             self.optimizer.add_param_group({"params": extra})
             self.base_lrs.append(self.optimizer.param_groups[-1]["lr"])
@@ -119,7 +145,16 @@ class DistillationRun:
         return self.run_dir / "state.pt"
 
     def save_state(self) -> None:
-        """Write ``state.pt`` and ``synthesizer.pt`` (after :meth:`check_finite`, when run by the loop)."""
+        """Write ``state.pt`` and ``synthesizer.pt`` (after :meth:`check_finite`, when run by the
+        loop); under torchrun every rank calls it, rank 0 writes every rank's synthesizer and
+        random state."""
+        own = {"synthesizer": self.synth.state_dict(), "torch_rng": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            own["cuda_rng"] = torch.cuda.get_rng_state(self.device)
+        ranks = gather_objects(to_cpu(own) if self.world.distributed else None, self.world)
+        self.saved_step = self.step
+        if not self.world.is_main:
+            return
         state = {
             "format": STATE_FORMAT,
             "config": self.opts.config,
@@ -127,18 +162,17 @@ class DistillationRun:
             "elapsed": self.elapsed,
             "student": self.student.state_dict(),
             "optimizer": self.optimizer.state_dict(),
-            "synthesizer": self.synth.state_dict(),
-            "torch_rng": torch.get_rng_state(),
+            **own,  # rank 0's synthesizer and random state
             "metrics": self.metrics,
+            "world_size": self.world.world_size,
         }
+        if self.world.distributed:
+            state["rank_states"] = ranks
         if self.ema is not None:
             state["student_ema"] = self.ema.state_dict()
-        if self.device.type == "cuda":
-            state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
         torch_save(self.state_path, state)
         torch_save(self.run_dir / "synthesizer.pt", {"format": "dfkd-synthesizer/1", "method": self.synth.name,
-                                                            "state": self.synth.state_dict()})
-        self.saved_step = self.step
+                                                     "state": own["synthesizer"]})
 
     def load_state(self, config: dict | None = None) -> None:
         """Continue from ``state.pt``. With ``config`` (the resolved config of ``config.yaml``),
@@ -154,6 +188,13 @@ class DistillationRun:
                                     f"({type(exc).__name__}: {detail})") from None
         if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
             raise DistillationError(f"{self.state_path} is not a dfkd run state (format {STATE_FORMAT})")
+        saved_world = int(state.get("world_size", 1))
+        if saved_world != self.world.world_size:
+            how = "without torchrun" if saved_world == 1 else f"with torchrun --nproc_per_node={saved_world}"
+            raise DistillationError(f"{self.state_path} was written by {saved_world} process(es), this run has "
+                                    f"{self.world.world_size}; resume it {how}")
+        if self.world.distributed:  # this rank's own synthesizer and random state
+            state.update(state["rank_states"][self.world.rank])
         if config is not None and isinstance(state.get("config"), dict):
             check_resume_config(self.run_dir / "config.yaml", state["config"], config, int(state["step"]))
         try:
@@ -199,7 +240,7 @@ class DistillationRun:
         flags = [self._all_finite, self._finite_steps]
         if weights:
             flags += [torch.isfinite(p.detach()).all().to(self.device) for p in self.student.parameters()]
-        all_finite, finite_steps, *weights_ok = torch.stack([f.long() for f in flags]).tolist()
+        all_finite, finite_steps, *weights_ok = all_min(torch.stack([f.long() for f in flags]), self.world).tolist()
         if all_finite and all(weights_ok):
             return
         if all_finite:
@@ -214,18 +255,26 @@ class DistillationRun:
                                 "lower the learning rate (--student-lr) or check the teacher")
 
     # -- evaluation -----------------------------------------------------------------------
+    def _predict(self, model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+        """Arg-max predictions on ``images``; under torchrun each rank predicts its shard."""
+        if not self.world.distributed:
+            return predict(model, images, self.device)
+        own = predict(model, images[shard(len(images), self.world)], self.device)
+        return all_gather_cat(own.to(self.device), self.world).cpu()
+
     def evaluate(self) -> dict:
         if self.eval_data is None:
             return {}
         data = self.eval_data
+        broadcast_buffers(self.student, self.world)  # every replica evaluates rank 0's student
         if self._teacher_predictions is None:
-            self._teacher_predictions = predict(self.teacher, data.images, self.device)
-        student_pred = predict(self.student, data.images, self.device)
+            self._teacher_predictions = self._predict(self.teacher, data.images)
+        student_pred = self._predict(self.student, data.images)
         raw = {}
         if self.ema is not None:  # the delivered student is the average; keep the trained weights' accuracy beside it
             raw = {"raw_student_accuracy": match_rate(student_pred, data.labels)}
             with self.ema.swapped_in():
-                student_pred = predict(self.student, data.images, self.device)
+                student_pred = self._predict(self.student, data.images)
         result = {
             "student_accuracy": match_rate(student_pred, data.labels),
             "agreement": match_rate(student_pred, self._teacher_predictions),
@@ -236,6 +285,8 @@ class DistillationRun:
         return result
 
     def _write_metrics_csv(self) -> None:
+        if not self.world.is_main:
+            return
         keys: list[str] = []
         for row in self.metrics:
             for key in row:
@@ -264,21 +315,22 @@ class DistillationRun:
         values = {k: (v.float() if isinstance(v, torch.Tensor) else torch.tensor(float(v), device=self.device))
                   for k, v in values.items()}
         if values:
-            stacked = torch.stack(list(values.values())).cpu().tolist()  # one sync per log interval
+            stacked = mean_over_ranks(torch.stack(list(values.values())), self.world).cpu().tolist()  # one sync per log interval
             for key, value in zip(values, stacked):
                 if not math.isfinite(value):  # the guard checked the total; a term may still overflow alone
                     raise DistillationError(f"loss term {key!r} became non-finite ({value}) by step {self.step}; "
                                             f"the run was stopped; the last saved state is in {self.run_dir}")
                 row[key] = round(value, 6)
         row["lr"] = self.optimizer.param_groups[0]["lr"]
-        row["images_synthesized"] = self.synth.images_synthesized
+        row["images_synthesized"] = sum_int(self.synth.images_synthesized, self.world)
         if evaluate:
             result = self.evaluate()
             row.update(result)
         return row
 
     def run(self) -> dict:
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if self.world.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
         opts = self.opts
         steps_per_round = self.synth.student_steps_per_round
         self.student.train()
@@ -288,7 +340,7 @@ class DistillationRun:
         gen_sums: dict[str, torch.Tensor] = {}  # synthesis-round terms since the last log
         gen_count = 0
         progress = None
-        if opts.progress:
+        if opts.progress and self.world.is_main:
             from tqdm import tqdm
 
             progress = tqdm(total=opts.steps, initial=self.step, desc=f"distill[{self.synth.name}]", unit="step", dynamic_ncols=True)
@@ -306,11 +358,12 @@ class DistillationRun:
                     gen_count += 1
                 self._set_lr()
                 batch = self.synth.sample()
-                losses, _, _ = self.synth.student_losses(self.student, batch)
+                losses, _, _ = self.synth.student_losses(self.train_student, batch)
                 total = sum(losses.values())
                 self._guard(total, gen_terms)  # device ops only
                 self.optimizer.zero_grad(set_to_none=True)
                 total.backward()
+                average_gradients(self.extra, self.world)  # the student's own are averaged by DDP
                 if self.grad_clip > 0:  # one fused norm, no host sync
                     torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.grad_clip)
                 self.optimizer.step()
@@ -343,16 +396,18 @@ class DistillationRun:
                 at_round_end = self.step % steps_per_round == 0 or at_end
                 if not at_round_end:
                     continue
-                due = (at_end or interrupt.requested
+                stop = interrupt.requested
+                due = (at_end or stop
                        or (opts.checkpoint_every and self.step - last_saved >= opts.checkpoint_every)
                        or (opts.checkpoint_seconds and time.monotonic() - last_saved_time >= opts.checkpoint_seconds))
+                due, stop = rank0_flags(self.world, self.device, due, stop)  # one decision for every rank
                 if due:
                     self.elapsed = time.perf_counter() - started
                     if self.step != self.saved_step:
                         self.check_finite(weights=True, terms={**sums, **gen_sums})
                         self.save_state()
                     last_saved, last_saved_time = self.step, time.monotonic()
-                if interrupt.requested:
+                if stop:
                     raise RunInterrupted(self.run_dir, self.saved_step)
         except KeyboardInterrupt as exc:  # Ctrl-C twice, or raised by code: the state on disk is the last saved
             if isinstance(exc, RunInterrupted):
@@ -374,11 +429,17 @@ class DistillationRun:
         if self.ema is not None:
             self.ema.copy_into()
         self.check_finite(weights=True)
+        gap = replicas_differ(self.student, self.world)
+        if gap > 0:
+            raise DistillationError(f"the student's replicas differ across processes (by up to {gap:.3g}); "
+                                    "nothing was saved; a method trains the student outside DistributedDataParallel")
+        broadcast_buffers(self.student, self.world)
         if self.metrics:
             self._write_metrics_csv()
         meta = dict(self.student_meta)
         meta["test_accuracy"] = final.get("student_accuracy")
-        save_checkpoint(self.run_dir / "student.pt", self.student, meta)
+        if self.world.is_main:
+            save_checkpoint(self.run_dir / "student.pt", self.student, meta)
         summary = {
             "method": self.synth.name,
             "student_accuracy": final.get("student_accuracy"),
@@ -386,8 +447,9 @@ class DistillationRun:
             "agreement": final.get("agreement"),
             "steps": self.step,
             "wall_seconds": round(self.elapsed, 2),
-            "images_synthesized": self.synth.images_synthesized,
+            "images_synthesized": sum_int(self.synth.images_synthesized, self.world),
             "options": self.synth.options,
+            "world_size": self.world.world_size,
         }
         if self.ema is not None:
             summary.update(student_ema=self.ema.decay, raw_student_accuracy=final.get("raw_student_accuracy"))
