@@ -164,6 +164,7 @@ class RunConfig(_Layered):
     student_schedule: Any = None
     student_grad_clip: Any = None
     precision: str = "auto"  # auto (bf16 on CUDA only), fp32, bf16, fp16 (teachers.device)
+    channels_last: bool = False  # the student in channels-last memory format
     transfer_set: Any = None  # a folder of images or shards the real method streams (dfkd.data.folder)
     bn_priors: list = field(default_factory=list)
     options: dict = field(default_factory=dict)

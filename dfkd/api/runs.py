@@ -301,6 +301,8 @@ def _execute(cfg, out, options, resolved, world, device, teacher, meta, *, resum
     classes = list(meta["classes"])
     channels, height, _ = meta["image_shape"]
     student = build_model(cfg["student"], len(classes), channels, height, meta["mean"], meta["std"]).to(device)
+    if cfg["channels_last"]:
+        student = student.to(memory_format=torch.channels_last)
     if world.distributed:  # the same student everywhere (DDP checks it), each rank its own draws
         seed_everything(rank_seed(cfg["seed"], world))
 

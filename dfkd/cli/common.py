@@ -107,7 +107,10 @@ def add_run_arguments(p) -> None:
                                                      "(e.g. 0.999) and deliver it (default 0: off)")
     p.add_argument("--samples", type=int, help="synthesized images kept for plots (default 512)")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"],
-                   help="mixed precision of forward passes (default auto: bf16 on CUDA, fp32 elsewhere)")
+                   help="mixed precision of forward passes (default auto: bf16 on CUDA, fp32 elsewhere; fp16 scales "
+                        "the student's gradients)")
+    p.add_argument("--channels-last", action="store_true", default=None,
+                   help="keep the student's weights and activations channels-last (faster convolutions on GPUs)")
     p.add_argument("--transfer-set", metavar="DIR", help="--method real: distill from this folder of unlabeled images "
                                                            "or .npy shards, streamed from disk (dfkd.data.folder)")
     p.add_argument("--student-optimizer", choices=["adam", "sgd"], help="the student's optimizer (default: the method's)")

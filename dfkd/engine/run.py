@@ -126,6 +126,8 @@ class DistillationRun:
         self.elapsed = 0.0
         self.metrics: list[dict] = []
         self.synth.attach_student(student)
+        # fp16 forward passes: the student's loss is scaled so small gradients do not flush to zero
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=synthesizer.precision == "fp16")
         self.extra = extra = [p for p in synthesizer.extra_parameters() if p.requires_grad]
         if extra:  # parameters the method trains with the student (e.g. feature-amalgamation adapters)
             self.optimizer.add_param_group({"params": extra})
@@ -170,6 +172,8 @@ class DistillationRun:
             state["rank_states"] = ranks
         if self.ema is not None:
             state["student_ema"] = self.ema.state_dict()
+        if self.scaler.is_enabled():
+            state["grad_scaler"] = self.scaler.state_dict()
         torch_save(self.state_path, state)
         torch_save(self.run_dir / "synthesizer.pt", {"format": "dfkd-synthesizer/1", "method": self.synth.name,
                                                      "state": own["synthesizer"]})
@@ -208,6 +212,8 @@ class DistillationRun:
         torch.set_rng_state(state["torch_rng"].cpu())
         if "cuda_rng" in state and self.device.type == "cuda":
             torch.cuda.set_rng_state(state["cuda_rng"].cpu(), self.device)
+        if self.scaler.is_enabled() and "grad_scaler" in state:
+            self.scaler.load_state_dict(state["grad_scaler"])
         self.step = int(state["step"])
         self.elapsed = float(state["elapsed"])
         self.metrics = list(state["metrics"])
@@ -362,11 +368,13 @@ class DistillationRun:
                 total = sum(losses.values())
                 self._guard(total, gen_terms)  # device ops only
                 self.optimizer.zero_grad(set_to_none=True)
-                total.backward()
+                self.scaler.scale(total).backward()
                 average_gradients(self.extra, self.world)  # the student's own are averaged by DDP
                 if self.grad_clip > 0:  # one fused norm, no host sync
+                    self.scaler.unscale_(self.optimizer)
                     torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.grad_clip)
-                self.optimizer.step()
+                self.scaler.step(self.optimizer)  # skipped when fp16 gradients overflowed
+                self.scaler.update()
                 if self.ema is not None:
                     self.ema.update()
                 for key, value in losses.items():
