@@ -97,6 +97,10 @@ class AmalgamationSynthesizer(Synthesizer):
         return self.inner.student_recipe
 
     @property
+    def precision(self) -> str:
+        return self.inner.precision
+
+    @property
     def images_synthesized(self) -> int:
         return self.inner.images_synthesized
 
