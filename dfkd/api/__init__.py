@@ -4,7 +4,8 @@ from dfkd.api.amalgamate import amalgamate
 from dfkd.api.config import AmalgamateConfig, DistillConfig, TeacherConfig
 from dfkd.api.distill import distill
 from dfkd.api.runs import RunError, RunResult
+from dfkd.api.synthesize import synthesize
 from dfkd.api.teacher import TeacherResult, train_teacher
 
 __all__ = ["AmalgamateConfig", "DistillConfig", "RunError", "RunResult", "TeacherConfig", "TeacherResult",
-           "amalgamate", "distill", "train_teacher"]
+           "amalgamate", "distill", "synthesize", "train_teacher"]
