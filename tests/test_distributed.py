@@ -4,7 +4,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from dfkd.engine.distributed import SINGLE, DistributedError, World, per_rank_batch, rank_seed, shard
 
