@@ -8,15 +8,15 @@ from dfkd.multi.combine import Combiner, create_combiner
 from dfkd.multi.features import FEATURE_METHODS, AmalgamationError, FeatureAmalgamator
 from dfkd.multi.member_targets import member_losses, member_target
 from dfkd.multi.per_member import PerMemberSynthesizer
-from generators.base import Synthesizer
+from generators.wrapped import WrappedSynthesizer
 
 
 # ----------------------------------------------------------------------------- the engine's view
-class AmalgamationSynthesizer(Synthesizer):
+class AmalgamationSynthesizer(WrappedSynthesizer):
     """A synthesizer driven by a :class:`~dfkd.multi.ensemble.TeacherEnsemble`, with the ensemble's
     student loss.
 
-    It is a :class:`~generators.base.Synthesizer` whose synthesis (``synthesize``, ``sample``,
+    It is a :class:`~generators.wrapped.WrappedSynthesizer`: its synthesis (``synthesize``, ``sample``,
     ``options``, ``name``, ``student_steps_per_round``, ``images_synthesized``, state ...) is the
     one of ``inner`` (built with the ensemble as its teacher). ``student_losses`` returns, for the student's
     step on a batch:
@@ -52,14 +52,8 @@ class AmalgamationSynthesizer(Synthesizer):
             raise ValueError(f"student_loss must be 'combiner' or 'method', got {student_loss!r}")
         if features is not None and features not in FEATURE_METHODS:
             raise AmalgamationError(f"unknown feature method {features!r}; known: {', '.join(FEATURE_METHODS)}")
-        # a Synthesizer whose settings are the inner method's (its options, batch, temperature,
-        # rounds, RNG); only the student's loss and the adapters are this class's own
-        self.inner, self.ensemble, self.teacher = inner, ensemble, ensemble
-        self.bn_prior_models = inner.bn_prior_models
-        self.image_shape, self.num_classes, self.device = inner.image_shape, inner.num_classes, inner.device
-        self.batch_size, self.temperature = inner.batch_size, inner.temperature
-        self.student_steps_per_round = inner.student_steps_per_round
-        self.rng = inner.rng
+        super().__init__(inner)
+        self.ensemble = self.teacher = ensemble
         self.combiner = combine if isinstance(combine, Combiner) else create_combiner(combine, **dict(combine_options or {}))
         self.combiner.check_mask(ensemble.mask.cpu(), ensemble.names)
         self.per_member = inner if isinstance(inner, PerMemberSynthesizer) else None
@@ -82,40 +76,6 @@ class AmalgamationSynthesizer(Synthesizer):
         else:
             self._combiner_learns = True  # the student batches calibrate them
         self.combiner.calibration = own
-
-    # -- what the engine reads: the inner method's, kept in step with it ----------------
-    @property
-    def name(self) -> str:
-        return self.inner.name
-
-    @property
-    def options(self) -> dict:
-        return self.inner.options
-
-    @property
-    def student_recipe(self) -> dict:
-        return self.inner.student_recipe
-
-    @property
-    def precision(self) -> str:
-        return self.inner.precision
-
-    @property
-    def images_synthesized(self) -> int:
-        return self.inner.images_synthesized
-
-    @images_synthesized.setter
-    def images_synthesized(self, value: int) -> None:
-        self.inner.images_synthesized = value
-
-    def plan(self, total_student_steps: int) -> None:
-        self.inner.plan(total_student_steps)
-
-    def synthesize(self, student):
-        return self.inner.synthesize(student)
-
-    def sample(self):
-        return self.inner.sample()
 
     def describe(self) -> dict:
         info = dict(self.inner.describe(), combine=self.combiner.name, student_loss=self.student_loss)
