@@ -20,6 +20,7 @@ from typing import Any
 
 from dfkd.config import ConfigError, merge_config
 from dfkd.core.options import check_type
+from dfkd.knowledge.terms import parse_knowledge
 from teachers.device import check_precision
 
 # what a number must be: (test, how to say it)
@@ -167,11 +168,13 @@ class RunConfig(_Layered):
     channels_last: bool = False  # the student in channels-last memory format
     transfer_set: Any = None  # a folder of images or shards the real method streams (dfkd.data.folder)
     bn_priors: list = field(default_factory=list)
+    knowledge: list = field(default_factory=list)  # forms of knowledge added to the student's loss (dfkd.knowledge.terms)
     options: dict = field(default_factory=dict)
 
     def validate(self):
         super().validate()
         check_precision(self.precision)
+        parse_knowledge(self.knowledge)
         if self.transfer_set and self.method != "real":
             raise ConfigError(f"a transfer set is distilled from with --method real, not {self.method!r}")
         for key, value in (self.options or {}).items():

@@ -38,6 +38,7 @@ from dfkd.engine.distributed import broadcast_object, init_from_env, per_rank_ba
 from dfkd.engine.evaluation import EvalData
 from dfkd.engine.optim import StudentOptim
 from dfkd.engine.run import DistillationRun, RunInterrupted, RunOptions
+from dfkd.knowledge.terms import KnowledgeTerms
 from dfkd.engine.rundir import RunLock, clear_run_files, remove_stale_temps, run_status
 from dfkd.reporting.analysis import analyze_run
 from dfkd.reporting.report import write_report
@@ -318,6 +319,8 @@ def _execute(cfg, out, options, resolved, world, device, teacher, meta, *, resum
     synth = (make_synthesizer or create_synthesizer)(
         cfg["method"], teacher, image_shape=meta["image_shape"], num_classes=len(classes), device=device,
         seed=rank_seed(cfg["seed"], world), precision=cfg["precision"], **({"bn_priors": bn_priors} if bn_priors else {}), **options)
+    if cfg["knowledge"]:  # forms of knowledge on top of the method's student loss
+        synth = KnowledgeTerms(synth, cfg["knowledge"])
     cfg["options"] = {**synth.options, **{key: resolved[key] for key in per_rank}}  # resolved, global batch sizes
     student_optim = StudentOptim.resolve(synth.student_recipe, cfg)
     cfg.update(student_optim.as_config())  # resolved: the student's optimiser as run

@@ -109,6 +109,9 @@ def add_run_arguments(p) -> None:
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"],
                    help="mixed precision of forward passes (default auto: bf16 on CUDA, fp32 elsewhere; fp16 scales "
                         "the student's gradients)")
+    p.add_argument("--knowledge", action="append", metavar="NAME[:WEIGHT]",
+                   help="add a form of knowledge to the student's loss (rkd, sp, pkt, cc, fsp, nst, ft, vid, crd, dkd, "
+                        "pkd, ckd, alp_kd, rail_kd); repeatable; options go in the config's knowledge: list")
     p.add_argument("--channels-last", action="store_true", default=None,
                    help="keep the student's weights and activations channels-last (faster convolutions on GPUs)")
     p.add_argument("--transfer-set", metavar="DIR", help="--method real: distill from this folder of unlabeled images "
