@@ -38,8 +38,8 @@ from dfkd.engine.distributed import broadcast_object, init_from_env, per_rank_ba
 from dfkd.engine.evaluation import EvalData
 from dfkd.engine.optim import StudentOptim
 from dfkd.engine.run import DistillationRun, RunInterrupted, RunOptions
-from dfkd.knowledge.terms import KnowledgeTerms
 from dfkd.engine.rundir import RunLock, clear_run_files, remove_stale_temps, run_status
+from dfkd.knowledge.terms import KnowledgeTerms
 from dfkd.reporting.analysis import analyze_run
 from dfkd.reporting.report import write_report
 from generators import synthesizer_class
