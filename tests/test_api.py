@@ -76,3 +76,25 @@ def test_a_zoo_run_keeps_its_zoo_and_plots_again(half_zoo, tmp_path, capsys):
     assert main(["plot", "samples", str(run.run_dir)]) == 0
     assert (run.run_dir / "samples.png").exists()
     assert "samples.png" in capsys.readouterr().out
+
+
+def test_train_teacher_takes_the_official_dafl_way(tmp_path, monkeypatch):
+    """schedule=constant and augment=none reach train_classifier (DAFL's teacher-train.py:
+    Adam at a constant learning rate, no augmentation) and are recorded in the checkpoint."""
+    import teachers.training as training
+
+    seen = {}
+    original = training.train_classifier
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr("dfkd.api.teacher.train_classifier", spy)
+    result = dfkd.train_teacher(dataset="digits", arch="lenet5", epochs=1, optimizer="adam", lr=1e-3,
+                                schedule="constant", augment="none", out=str(tmp_path / "t.pt"), progress=False)
+    assert (seen["schedule"], seen["augment"]) == ("constant", "none")
+    from teachers import load_checkpoint
+
+    _, meta = load_checkpoint(result.path)
+    assert meta["config"]["schedule"] == "constant"

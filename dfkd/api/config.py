@@ -122,6 +122,7 @@ class TeacherConfig(_Layered):
     lr: Any = None
     weight_decay: Any = None
     augment: str = "crop"
+    schedule: str = "cosine"  # the learning rate: cosine (annealed over all steps) or constant
     seed: int = 0
     device: str = "auto"
     data_root: Any = None

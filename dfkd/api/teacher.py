@@ -53,7 +53,7 @@ def train_teacher(config: TeacherConfig | dict | None = None, *, progress: bool 
     recipe = {k: cfg[k] for k in ("optimizer", "lr", "weight_decay") if cfg[k] is not None}
     started = time.perf_counter()
     result = train_classifier(model, train.images, train.labels, test.images, test.labels, epochs=cfg["epochs"],
-                              batch_size=cfg["batch_size"], augment=cfg["augment"], seed=cfg["seed"], device=device,
+                              batch_size=cfg["batch_size"], augment=cfg["augment"], schedule=cfg["schedule"], seed=cfg["seed"], device=device,
                               progress=progress, **recipe)
     seconds = time.perf_counter() - started
     meta = dataset_meta(info)

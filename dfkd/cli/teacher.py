@@ -23,6 +23,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--lr", type=float, help="learning rate (default: the architecture's recipe)")
     p.add_argument("--weight-decay", type=float, help="weight decay (default: the architecture's recipe)")
     p.add_argument("--augment", choices=["crop", "crop_flip", "none"], help="augmentation (default crop)")
+    p.add_argument("--schedule", choices=["cosine", "constant"], help="learning rate schedule (default cosine)")
     p.add_argument("--seed", type=int, help="random seed (default 0)")
     p.add_argument("--device", help="auto, cpu, cuda, cuda:1, mps (default auto)")
     p.add_argument("--data-root", help="directory with the data set's files")
