@@ -57,9 +57,11 @@ TEACHER_PLAIN = TEACHERS / "fm_lenet5_seed0.pt"
 TEACHER_RESNET8 = TEACHERS / "fm_resnet8_seed0.pt"
 TEACHER_SEED1 = TEACHERS / "fm_lenet5_bn_seed1.pt"
 TEACHER_HALF_BN = TEACHERS / "fm_lenet5_half_bn_seed0.pt"
+TEACHER_DAFL_OFFICIAL = TEACHERS / "fm_lenet5_dafl_official_seed0.pt"
 # The teacher checkpoints kept in git: row -> (checkpoint, the seed of the row's command that made it).
 KEPT_TEACHERS = {"teacher": (TEACHER, 0), "teacher-plain": (TEACHER_PLAIN, 0), "teacher-seed1": (TEACHER_SEED1, 1),
-                 "teacher-resnet8": (TEACHER_RESNET8, 0), "teacher-half-bn": (TEACHER_HALF_BN, 0)}
+                 "teacher-resnet8": (TEACHER_RESNET8, 0), "teacher-half-bn": (TEACHER_HALF_BN, 0),
+                 "teacher-dafl-official": (TEACHER_DAFL_OFFICIAL, 0)}
 # zoo row -> the kept teachers whose BN statistics are its priors
 ZOO_PRIORS = {"best-zoo": ["teacher-resnet8", "teacher-seed1"],
               "best-zoo3": ["teacher-resnet8", "teacher-seed1", "teacher-half-bn"]}
@@ -111,6 +113,10 @@ ROWS: dict[str, tuple[str, str]] = {
                         "train-teacher --dataset fashion-mnist --arch resnet8 --epochs 5 --quiet"),
     "teacher-half-bn": ("zoo member: lenet5_half_bn (a BN prior of best-zoo3), labels, real data (15 epochs)",
                         "train-teacher --dataset fashion-mnist --arch lenet5_half_bn --epochs 15 --quiet"),
+    "teacher-dafl-official": ("teacher lenet5 trained as DAFL's teacher-train.py: Adam lr 1e-3 constant, batch 256, "
+                              "no augmentation, 3 epochs",
+                              "train-teacher --dataset fashion-mnist --arch lenet5 --epochs 3 --optimizer adam --lr 0.001"
+                              " --schedule constant --batch-size 256 --augment none --quiet"),
     "student-labels": ("student lenet5_half, labels, real data (15 epochs)",
                        "train-teacher --dataset fashion-mnist --arch lenet5_half --epochs 15 --quiet"),
     "kd-real": ("KD with all real train images (upper bound)",
@@ -118,6 +124,9 @@ ROWS: dict[str, tuple[str, str]] = {
     "dafl": ("DAFL (CPU budget recipe, generator lr 0.002 for Fashion-MNIST)", DISTILL + " --config configs/fashion-mnist/bench-dafl.yaml"),
     "dafl-plain": ("DAFL, teacher lenet5 (no BN)", DISTILL.replace("{teacher}", "{teacher_plain}")
                    + " --config configs/fashion-mnist/bench-dafl.yaml"),
+    "dafl-official-teacher": ("DAFL (the dafl row's recipe), teacher trained as DAFL's teacher-train.py",
+                              DISTILL.replace("{teacher}", "{teacher_dafl_official}")
+                              + " --config configs/fashion-mnist/bench-dafl.yaml"),
     "deepinversion": ("DeepInversion (CPU budget recipe)", DISTILL + " --config configs/fashion-mnist/bench-deepinversion.yaml"),
     "deepinversion-adi": ("DeepInversion + ADI (CPU budget recipe)",
                           DISTILL + " --config configs/fashion-mnist/bench-deepinversion-adi.yaml"),
@@ -213,7 +222,8 @@ def run_one(row: str, seed: int) -> dict:
     """Run one row for one seed in a subprocess; return (and store) its record."""
     description, template = ROWS[row]
     out = RUNS / row / f"seed{seed}"
-    args = template.format(teacher=rel(TEACHER), teacher_plain=rel(TEACHER_PLAIN), zoo_dir=rel(ZOO_DIR))
+    args = template.format(teacher=rel(TEACHER), teacher_plain=rel(TEACHER_PLAIN),
+                           teacher_dafl_official=rel(TEACHER_DAFL_OFFICIAL), zoo_dir=rel(ZOO_DIR))
     if args.startswith("train-teacher"):
         args += f" --seed {seed} --out {rel(out)}.pt"
     else:
@@ -276,6 +286,7 @@ def ensure_teachers(jobs: int, rows) -> None:
     for row in KEPT_TEACHERS:
         adopt_teacher(row)
     wanted = {"teacher"} | ({"teacher-plain"} if any(r.endswith("-plain") for r in rows) else set())
+    wanted |= {"teacher-dafl-official"} if "dafl-official-teacher" in rows else set()
     wanted |= {prior for row in rows for prior in ZOO_PRIORS.get(row, [])}
     wanted |= {row for row in rows if row in KEPT_TEACHERS}
     needed = [row for row in KEPT_TEACHERS if row in wanted and not KEPT_TEACHERS[row][0].exists()]
