@@ -18,6 +18,7 @@ from ``torch.distributed`` beyond availability checks.
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -153,6 +154,9 @@ def wrap_student(student: nn.Module, world: World, device: torch.device) -> nn.M
     """The student as the engine trains it: DistributedDataParallel across ranks, else itself."""
     if not world.distributed:
         return student
+    # a channels-last student's gradients do not share the strides of DDP's flat buckets; DDP then
+    # copies them (the same bytes, other strides) and warns once per process: the copy is the cost
+    warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
     return nn.parallel.DistributedDataParallel(student, device_ids=[device.index] if device.type == "cuda" else None,
                                                gradient_as_bucket_view=True)  # no copy; any memory layout
 
