@@ -1,8 +1,8 @@
 """Unlabeled images on disk, read a batch at a time: transfer sets.
 
 A transfer-set folder holds image files (PNG, JPEG, BMP, WebP, at any depth) and/or array
-shards (``*.npy``, ``N x C x H x W`` uint8, as :func:`write_shard` writes them; read through a
-memory map, so a shard is never loaded whole). :class:`ImageFolderSet` indexes the folder
+shards (``*.npy``, ``N x C x H x W`` uint8, as :func:`write_shard` writes them; each image's
+bytes are read from the file when asked for, so a shard is never loaded or mapped whole). :class:`ImageFolderSet` indexes the folder
 once and returns one ``C x H x W`` float image in ``[0, 1]`` per item, converted to the
 teacher's channels and resized to its image size, so memory stays flat however large the
 folder is. Whatever made the images does not matter: ``dfkd synthesize``'s shards, another
@@ -45,15 +45,22 @@ def _image_size(path: Path) -> tuple[int, int]:
         raise TransferSetError(f"{path}: not a readable image; remove it from the transfer set or replace it") from None
 
 
-def _shard_shape(path: Path) -> tuple[int, ...]:
+def _shard_header(path: Path) -> tuple[tuple[int, ...], int]:
+    """A shard's shape and the byte offset of its first pixel (its header read, nothing else)."""
     try:
-        shard = np.load(path, mmap_mode="r", allow_pickle=False)
+        with open(path, "rb") as handle:
+            version = np.lib.format.read_magic(handle)
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, fortran, dtype = read_header(handle)
+            offset = handle.tell()
     except (OSError, ValueError):
         raise TransferSetError(f"{path}: not a readable .npy array; remove it from the transfer set or replace it") from None
-    if shard.dtype != np.uint8 or shard.ndim != 4:
-        raise TransferSetError(f"{path}: a shard must be an N x C x H x W uint8 array, got {shard.dtype} "
-                               f"{tuple(shard.shape)}")
-    return tuple(shard.shape)
+    if dtype != np.uint8 or len(shape) != 4 or fortran:
+        raise TransferSetError(f"{path}: a shard must be an N x C x H x W uint8 array, got {dtype} {tuple(shape)}")
+    if path.stat().st_size < offset + int(np.prod(shape)):
+        raise TransferSetError(f"{path}: truncated ({path.stat().st_size} bytes for {tuple(shape)} pixels); "
+                               "write it again or remove it")
+    return tuple(shape), offset
 
 
 class ImageFolderSet(torch.utils.data.Dataset):
@@ -75,12 +82,13 @@ class ImageFolderSet(torch.utils.data.Dataset):
             size = _image_size(path)
             first_size, first_file = self._same_size(size, path, first_size, first_file)
             self.items.append((path, -1))
+        self._shards: dict[Path, tuple[tuple[int, ...], int]] = {}  # shape and pixel offset of each shard
         for path in shards:
-            shape = _shard_shape(path)
+            shape, offset = _shard_header(path)
             first_size, first_file = self._same_size(shape[2:], path, first_size, first_file)
+            self._shards[path] = (shape, offset)
             self.items.extend((path, row) for row in range(shape[0]))
         self.source_size = first_size
-        self._maps: dict[Path, np.ndarray] = {}
 
     @staticmethod
     def _same_size(size, path, first_size, first_file):
@@ -95,10 +103,13 @@ class ImageFolderSet(torch.utils.data.Dataset):
         return len(self.items)
 
     def _pixels(self, path: Path, row: int) -> torch.Tensor:
-        if row >= 0:
-            if path not in self._maps:
-                self._maps[path] = np.load(path, mmap_mode="r", allow_pickle=False)
-            return torch.from_numpy(np.array(self._maps[path][row]))
+        if row >= 0:  # one image's bytes read from the file: nothing of the shard stays mapped
+            shape, offset = self._shards[path]
+            size = int(np.prod(shape[1:]))
+            with open(path, "rb") as handle:
+                handle.seek(offset + row * size)
+                data = handle.read(size)
+            return torch.frombuffer(bytearray(data), dtype=torch.uint8).view(*shape[1:])
         from PIL import Image
 
         with Image.open(path) as image:
