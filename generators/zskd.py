@@ -23,9 +23,9 @@ from generators.base import (
     register_synthesizer,
 )
 
-#: the smallest concentration a Dirichlet may get (each similarity row's minimum is 0 after
-#: min-max normalisation, and a Dirichlet needs positive concentrations; the official code
-#: adds 1e-4)
+#: added to every concentration (each similarity row's minimum is 0 after min-max
+#: normalisation, and a Dirichlet needs positive concentrations): the official
+#: ``generateDirch`` draws from ``Dir(beta * C_c + 1e-4)``
 CONCENTRATION_FLOOR = 1e-4
 
 
@@ -44,8 +44,10 @@ def class_similarity(weight: torch.Tensor) -> torch.Tensor:
 
 def dirichlet_concentration(similarity: torch.Tensor, target: int, beta: float) -> torch.Tensor:
     """The concentration of the Dirichlet the soft targets of class ``target`` are drawn
-    from: ``beta * C_target`` (paper Eq. 2-3), each entry at least :data:`CONCENTRATION_FLOOR`."""
-    return beta * similarity[target].clamp_min(CONCENTRATION_FLOOR)
+    from: ``beta * C_target + eps`` (paper Eq. 2-3; ``eps`` = :data:`CONCENTRATION_FLOOR`
+    after the scaling, as the official code adds it), so every entry is at least ``eps``
+    at any ``beta``."""
+    return beta * similarity[target] + CONCENTRATION_FLOOR
 
 
 def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -90,7 +92,8 @@ def paper_augment(images: torch.Tensor, generator: torch.Generator | None = None
     """Each image through one of the official code's 103 variants (:func:`_paper_transforms`),
     drawn uniformly per image: the same image-variant pairs, in expectation, as the official
     code's expansion of every batch into all 103 variants, at 1/103 of its cost. Bilinear,
-    zero outside the image."""
+    zero outside the image (the official ``translate_images`` fills the uncovered strip of a
+    shift with 1.0 instead; its rotations fill with 0 as here)."""
     n = images.shape[0]
     pick = torch.randint(0, PAPER_TRANSFORMS.shape[0], (n,), generator=generator)
     theta = PAPER_TRANSFORMS[pick].to(images.device, images.dtype)
@@ -105,7 +108,7 @@ class ZSKD(Synthesizer):
     Soft targets (paper Sec. 3.2): the class-similarity matrix ``C`` of the teacher's final
     layer (:func:`class_similarity`: cosine similarities of the per-class weight vectors,
     each row min-max normalised). The softmax vectors of class ``c`` are drawn from
-    ``Dir(beta * C_c)`` (:func:`dirichlet_concentration`) for each scale ``beta`` in
+    ``Dir(beta * C_c + 1e-4)`` (:func:`dirichlet_concentration`) for each scale ``beta`` in
     ``betas`` (paper: 1.0 and 0.1, half of the DIs each; the small scale gives peaked,
     one-class-like targets, the large one targets spread over similar classes).
 
@@ -114,7 +117,15 @@ class ZSKD(Synthesizer):
     with Adam (``lr``) for ``iterations`` steps on
     ``CE(y, softmax(f_T(x) / synthesis_temperature))`` (:func:`soft_cross_entropy`); after
     each step the batch is min-max rescaled to ``[0, 1]``, as the official code does
-    (``noise_image_clip``). The batches cycle through (class, scale) pairs, so the
+    (``noise_image_clip``). With ``continue_batches`` (the official code's behaviour) only
+    the first batch of each (class, scale) pair starts from noise: every later batch of the
+    pair starts from the previous one's final images and Adam state and is optimised
+    towards newly drawn targets, so the ``k``-th batch of a pair has had ``k * iterations``
+    steps and little of the starting noise is left in it (the official
+    ``createClassImpressions`` re-initialises ``noise_image`` once per similarity row, not per
+    batch). Without it each batch starts from fresh noise, and after 100 steps at lr 0.01
+    the DIs still correlate ~0.46 with their starting noise on a LeNet-5 teacher (~0.05
+    after four carried batches). The batches cycle through (class, scale) pairs, so the
     ``num_impressions`` DIs are balanced over classes and scales. All DIs are made in the first
     synthesis round, as the paper makes them before training the student; later rounds
     synthesize nothing.
@@ -127,18 +138,18 @@ class ZSKD(Synthesizer):
     :func:`generators.base.augment_batch`) or ``"none"``.
 
     Defaults: the official CIFAR-10 script's settings (``cifar_10_impressions_alexnet_Dirch.py``:
-    40,000 DIs in batches of 100, Adam lr 0.001, 1500 iterations, temperature 20) with the
-    paper's betas 1.0 and 0.1. The paper's counts are 24,000 DIs for MNIST and 48,000 for
-    Fashion-MNIST (``configs/<dataset>/zskd.yaml``). At lr 0.01 the DI loss of a LeNet-5
+    40,000 DIs in batches of 100, Adam lr 0.001, 1500 iterations, temperature 20, images and
+    Adam state carried from batch to batch of a pair) with the paper's betas 1.0 and 0.1. The
+    paper's counts are 24,000 DIs for MNIST and 48,000 for Fashion-MNIST (``configs/<dataset>/zskd.yaml``). At lr 0.01 the DI loss of a LeNet-5
     teacher stops falling after about 100 of the 1500 iterations (docs/experiments.md).
 
     Differences from the official code, on purpose: the official ``generateDirch`` min-max
     normalises each similarity row again after the 0.1 scaling and always passes scale 1, so
-    all its DIs are drawn with beta 1; here both of the paper's scales are used. The official
-    code also keeps the images (and Adam's state) from one batch of a class to the next
-    instead of starting each batch from noise, and expands every student batch into all
-    103 augmented variants (about 6,600 images per step); here each batch starts from noise
-    and each student image gets one random variant.
+    all its DIs are drawn with beta 1; here both of the paper's scales are used (``betas:
+    "1.0"`` gives the official code's targets). The official student script expands every
+    student batch into all 103 augmented variants (about 6,600 images per step, 500 epochs)
+    and reports the best test accuracy over epochs; here each student image gets one random
+    variant and the run reports its final accuracy.
     """
 
     defaults = {
@@ -148,6 +159,7 @@ class ZSKD(Synthesizer):
         "lr": 0.001,
         "synthesis_temperature": 20.0,
         "betas": "1.0,0.1",
+        "continue_batches": True,
         "augment": "paper",
         "batch_size": 64,
         "temperature": 20.0,
@@ -173,6 +185,8 @@ class ZSKD(Synthesizer):
         self.pool = ImagePool(o["num_impressions"])
         self.batches_done = 0
         self.last_terms: dict[str, torch.Tensor] = {}
+        #: per (class, beta): the final images and Adam state of its latest batch (continue_batches)
+        self.carried: dict[tuple[int, float], dict] = {}
 
     @staticmethod
     def parse_betas(text: str) -> list[float]:
@@ -226,11 +240,24 @@ class ZSKD(Synthesizer):
         return targets.float().to(self.device)
 
     # -- synthesis --------------------------------------------------------------------------
-    def invert(self, targets: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Optimise one batch of DIs from uniform noise towards the soft ``targets``."""
+    def invert(self, targets: torch.Tensor, start: dict | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Optimise one batch of DIs towards the soft ``targets``: from uniform noise, or from
+        ``start`` (``{"images", "adam"}``: a previous batch's final images and Adam state, at
+        least as many images as targets). The final images and Adam state are left in
+        ``self.last_state``."""
         o = self.options
-        x = torch.rand((targets.shape[0], *self.image_shape), generator=self.rng).to(self.device).requires_grad_(True)
+        n = targets.shape[0]
+        if start is None:
+            x = torch.rand((n, *self.image_shape), generator=self.rng).to(self.device).requires_grad_(True)
+        else:
+            x = start["images"][:n].clone().to(self.device).requires_grad_(True)
         optimizer = torch.optim.Adam([x], lr=o["lr"])
+        if start is not None:
+            adam = start["adam"]
+            adam = {"state": {k: {name: (v[:n] if torch.is_tensor(v) and v.dim() > 0 else v) for name, v in st.items()}
+                              for k, st in adam["state"].items()},
+                    "param_groups": adam["param_groups"]}
+            optimizer.load_state_dict(adam)
         for _ in range(o["iterations"]):
             with self.autocast():
                 logits = self.teacher(x).float()
@@ -242,6 +269,7 @@ class ZSKD(Synthesizer):
                 low, high = x.min(), x.max()
                 x.sub_(low).div_((high - low).clamp_min(1e-12))
         images = x.detach()
+        self.last_state = {"images": images, "adam": optimizer.state_dict()}
         logits = self.teacher_logits(images)
         terms = {"ce": soft_cross_entropy(logits, targets, o["synthesis_temperature"]),
                  "target_match": (logits.argmax(1) == targets.argmax(1)).float().mean()}
@@ -250,11 +278,15 @@ class ZSKD(Synthesizer):
     def synthesize(self, student):
         while self.batches_done < self.total_batches:
             cls, beta, size = self.batch_plan(self.batches_done)
-            images, terms = self.invert(self.sample_targets(cls, beta, size))
+            start = self.carried.get((cls, beta)) if self.options["continue_batches"] else None
+            images, terms = self.invert(self.sample_targets(cls, beta, size), start)
+            if self.options["continue_batches"]:
+                self.carried[(cls, beta)] = self.last_state
             self.pool.add(images)
             self.images_synthesized += size
             self.batches_done += 1
             self.last_terms = {f"di_{k}": v.detach() for k, v in terms.items()}
+        self.carried.clear()  # every DI exists: nothing left to continue
         return dict(self.last_terms)
 
     # -- student side -----------------------------------------------------------------------

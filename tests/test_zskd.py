@@ -52,8 +52,9 @@ def test_dirichlet_concentrations_are_beta_times_the_similarity_rows():
     sim = class_similarity(torch.tensor([[2.0, 0.0], [0.0, 3.0], [1.0, 1.0]]))
     for beta in (1.0, 0.1):
         for c in range(3):
-            expected = beta * torch.clamp(sim[c], min=CONCENTRATION_FLOOR)
+            expected = beta * sim[c] + CONCENTRATION_FLOOR  # the official generateDirch: temp * scale + 0.0001
             assert torch.allclose(dirichlet_concentration(sim, c, beta), expected)
+            assert dirichlet_concentration(sim, c, beta).min() >= CONCENTRATION_FLOOR
     # the drawn soft targets follow Dir(beta * C_c): their mean is alpha / sum(alpha)
     synth = make(TinyHead().eval(), shape=(1, 1, 2), num_classes=3)
     alpha = dirichlet_concentration(synth.similarity, 0, 1.0)
@@ -92,6 +93,30 @@ def test_one_optimisation_round_lowers_the_impressions_loss(bn_teacher):
     assert terms["ce"].item() < before
     assert images.min() >= 0 and images.max() <= 1
     assert terms["target_match"].item() > 0.5  # the teacher now mostly sees the target class
+
+
+def test_later_batches_of_a_pair_continue_from_the_previous_batch(bn_teacher):
+    """The official code re-initialises the noise once per (class, scale) row: batch k of a
+    pair starts from batch k-1's final images and Adam state."""
+    for carry in (True, False):
+        synth = make(bn_teacher, num_impressions=20, synthesis_batch_size=1, iterations=1, lr=0.01,
+                     betas="1.0", continue_batches=carry)
+        starts = []
+        original = synth.invert
+
+        def spy(targets, start=None):
+            starts.append(None if start is None else start["images"].clone())
+            return original(targets, start)
+
+        synth.invert = spy
+        synth.synthesize(None)  # 20 batches of one image: classes 0..9, then 0..9 again
+        assert all(s is None for s in starts[:10])
+        if carry:
+            for c in range(10):  # the second batch of class c starts where the first ended
+                assert torch.equal(starts[10 + c], synth.pool.images[c : c + 1])
+        else:
+            assert all(s is None for s in starts[10:])
+        assert not synth.carried
 
 
 def test_paper_augmentation_holds_the_official_103_variants():
