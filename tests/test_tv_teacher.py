@@ -1,5 +1,8 @@
 """Every synthesizer with a stock torchvision teacher (tv:resnet18, its own forward, features
 by hooks), and the student's recipe holding when such a teacher is confident."""
+import math
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -74,3 +77,26 @@ def test_fast_recipe_survives_a_confident_teacher(tmp_path):
     assert summary["steps"] == 60 and all(torch.isfinite(p).all() for p in student.parameters())
     with pytest.raises(DistillationError, match="non-finite"):
         run({"student_grad_clip": 0.0}, "unclipped")
+
+
+def test_imagenet_recipe_inverts_at_half_then_full_resolution():
+    """configs/imagenet/deepinversion.yaml, shrunk to a few steps, on a random-weight
+    tv:resnet18 at 224 px: the teacher sees 112 px images for the low-resolution steps, then
+    224 px; the learning rate warms up and decays per phase."""
+    from dfkd.config import load_yaml
+    from generators.deepinversion import cosine_with_warmup
+
+    recipe = load_yaml(Path(__file__).resolve().parents[1] / "configs" / "imagenet" / "deepinversion.yaml")
+    options = {**recipe["options"], "synthesis_batch_size": 2, "batch_size": 2, "low_res_iterations": 2,
+               "iterations": 1, "lr_warmup": 1}
+    torch.manual_seed(0)
+    teacher = freeze(build_model("tv:resnet18", 1000, 3, 224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)))
+    sizes = []
+    hook = teacher.register_forward_pre_hook(lambda module, inputs: sizes.append(inputs[0].shape[-1]))
+    synth = create_synthesizer("deepinversion", teacher, image_shape=(3, 224, 224), num_classes=1000, **options)
+    terms = synth.synthesize(None)
+    hook.remove()
+    assert sizes == [112, 112, 224] and all(torch.isfinite(v) for v in terms.values())
+    assert synth.pool.images.shape[1:] == (3, 224, 224)
+    assert [cosine_with_warmup(0.25, s, 10, 2) for s in (0, 1, 2, 9)] == pytest.approx(
+        [0.125, 0.25, 0.25, 0.25 * 0.5 * (1 + math.cos(math.pi * 7 / 8))])
