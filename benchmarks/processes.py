@@ -32,7 +32,7 @@ def run(method: str, processes: int, out: Path) -> dict:
     launch = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
               if processes > 1 else [sys.executable])
     command = [*launch, "-m", "dfkd", "distill", "--teacher", TEACHER, "--config", recipe, "--no-eval", "--quiet",
-               "--samples", "16", "--out", str(out), "--overwrite", f"steps={steps}", "eval_every=0"]
+               "--samples", "16", "--out", str(out.relative_to(ROOT)), "--overwrite", f"steps={steps}", "eval_every=0"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg"}
     proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
