@@ -287,6 +287,8 @@ class Synthesizer:
     student_recipe: dict = {}
     #: whether the method matches BatchNorm statistics (and so can use ``bn_priors``)
     uses_bn_statistics = False
+    #: whether the method learns from given images (``images=``: real, or wild ones to select from)
+    takes_images = False
 
     def __init__(self, teacher: nn.Module, image_shape, num_classes: int, device="cpu", seed: int = 0,
                  bn_priors: Sequence[nn.Module] = (), precision: str = "auto", **options):

@@ -27,6 +27,7 @@ class RealImages(Synthesizer):
     ``device`` once; ``images_synthesized`` stays 0.
     """
 
+    takes_images = True
     defaults = {
         "batch_size": 128,
         "augment": True,

@@ -21,6 +21,7 @@ from typing import Any
 from dfkd.config import ConfigError, merge_config
 from dfkd.core.options import check_type
 from dfkd.knowledge.terms import parse_knowledge
+from generators import list_synthesizers, synthesizer_class
 from teachers.device import check_precision
 
 # what a number must be: (test, how to say it)
@@ -167,7 +168,7 @@ class RunConfig(_Layered):
     student_grad_clip: Any = None
     precision: str = "auto"  # auto (bf16 on CUDA only), fp32, bf16, fp16 (teachers.device)
     channels_last: bool = False  # the student in channels-last memory format
-    transfer_set: Any = None  # a folder of images or shards the real method streams (dfkd.data.folder)
+    transfer_set: Any = None  # images for real / dfnd: a folder of images or shards (streamed), or a data set's name
     bn_priors: list = field(default_factory=list)
     knowledge: list = field(default_factory=list)  # forms of knowledge added to the student's loss (dfkd.knowledge.terms)
     options: dict = field(default_factory=dict)
@@ -176,8 +177,10 @@ class RunConfig(_Layered):
         super().validate()
         check_precision(self.precision)
         parse_knowledge(self.knowledge)
-        if self.transfer_set and self.method != "real":
-            raise ConfigError(f"a transfer set is distilled from with --method real, not {self.method!r}")
+        if self.transfer_set and not synthesizer_class(self.method).takes_images:
+            users = ", ".join(n for n in list_synthesizers() if synthesizer_class(n).takes_images)
+            raise ConfigError(f"a transfer set is read by the methods that learn from given images ({users}), "
+                              f"not by {self.method!r}")
         for key, value in (self.options or {}).items():
             if key in OPTION_RANGES:
                 _check_range(f"options.{key}", value, OPTION_RANGES[key])

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from dfkd.api.config import RunConfig
-from dfkd.data import load_dataset
+from dfkd.data import list_datasets, load_dataset
 from dfkd.data.folder import ImageFolderSet
 from dfkd.engine import rundir
 from dfkd.engine.distributed import broadcast_object, init_from_env, per_rank_batch, rank_seed, shutdown
@@ -218,6 +218,21 @@ def load_bn_priors(paths, meta: dict, device) -> tuple[list, list[dict]]:
     return models, records
 
 
+def transfer_images(cfg: dict, meta: dict):
+    """The images of ``--transfer-set``: a folder (streamed, :class:`dfkd.data.folder.ImageFolderSet`)
+    or the training images of a data set by name (every class, labels unused), at the teacher's
+    image shape."""
+    source = str(cfg["transfer_set"])
+    if Path(source).is_dir() or source not in list_datasets():
+        return ImageFolderSet(source, meta["image_shape"])  # a missing folder gets its own error
+    channels, height, _ = meta["image_shape"]
+    train = load_dataset(source, "train", root=cfg["data_root"], download=cfg["download"], image_size=height)
+    if train.images.shape[1] != channels:
+        raise RunError(f"--transfer-set {source}: its images have {train.images.shape[1]} channel(s), the teacher "
+                       f"takes {channels}")
+    return train.images
+
+
 def analyze(out: Path, teacher, student, synth, eval_data, meta, device, n_samples: int) -> dict:
     """Plots and sample-quality metrics after a run (a failed plot never fails the run; a
     disk that cannot take them does: :class:`teachers.files.FileWriteError`)."""
@@ -307,10 +322,13 @@ def _execute(cfg, out, options, resolved, world, device, teacher, meta, *, resum
     if world.distributed:  # the same student everywhere (DDP checks it), each rank its own draws
         seed_everything(rank_seed(cfg["seed"], world))
 
-    if cfg["method"] == "real":  # the upper bound: KD on real, unlabeled training images
-        if cfg.get("transfer_set"):  # or any folder of unlabeled images, streamed from disk
-            real_images = ImageFolderSet(cfg["transfer_set"], meta["image_shape"])
-        elif real_images is None:
+    if synthesizer_class(cfg["method"]).takes_images:  # real (KD on real images), dfnd (wild images)
+        if cfg.get("transfer_set"):
+            real_images = transfer_images(cfg, meta)
+        elif cfg["method"] != "real":
+            raise RunError(f"method {cfg['method']!r} learns from given images: pass --transfer-set DIR (a folder of "
+                           "images or .npy shards) or --transfer-set DATASET (a data set's training images, e.g. digits)")
+        elif real_images is None:  # the upper bound: the teacher's own training images, labels unused
             train = load_dataset(cfg["eval_dataset"] or meta["dataset"], "train", root=cfg["data_root"],
                                  download=cfg["download"], classes=classes, image_size=height)
             real_images = train.images
