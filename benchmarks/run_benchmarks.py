@@ -88,6 +88,7 @@ PUBLISHED = {
     "zskd": "79.62 (ZSKD paper: LeNet-5 90.84% -> LeNet-5-Half, 48,000 DIs)",
     "zskd-paper": "79.62 (ZSKD paper, this setting unscaled)",
     "cmi": "CIFAR-10 only (CMI paper); target: fast's row",
+    "dfnd": "CIFAR/ImageNet only (DFND paper); wild data here: digits",
 }
 
 # row -> (description, dfkd arguments without --seed/--out). {teacher} is filled in.
@@ -185,6 +186,8 @@ ROWS: dict[str, tuple[str, str]] = {
              DISTILL + " --config configs/fashion-mnist/zskd.yaml"),
     "zskd-paper": ("ZSKD, the paper's setting (48,000 DIs, KD at T=20, its augmentation), scaled: 100 DI steps, 20,000 student steps",
                    DISTILL + " --config configs/fashion-mnist/zskd-paper.yaml"),
+    "dfnd": ("DFND: the teacher's most confident wild images (digits) and the noise-adapted loss",
+             DISTILL + " --config configs/fashion-mnist/dfnd.yaml"),
     "cmi": ("CMI (CPU budget recipe sized like fast's: generator kept across rounds, 2 steps per round)",
             DISTILL + " --config configs/fashion-mnist/cmi.yaml"),
 }
