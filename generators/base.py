@@ -289,6 +289,9 @@ class Synthesizer:
     uses_bn_statistics = False
     #: whether the method learns from given images (``images=``: real, or wild ones to select from)
     takes_images = False
+    #: constructor arguments a run takes from the teacher checkpoint's meta: ``{argument: meta key}``
+    #: (e.g. lopes's activation records)
+    teacher_meta_arguments: dict = {}
 
     def __init__(self, teacher: nn.Module, image_shape, num_classes: int, device="cpu", seed: int = 0,
                  bn_priors: Sequence[nn.Module] = (), precision: str = "auto", **options):

@@ -129,6 +129,7 @@ class TeacherConfig(_Layered):
     data_root: Any = None
     download: bool = False
     image_size: Any = None
+    record_metadata: bool = False  # store activation records in the checkpoint (needed by method lopes)
     out: Any = None
 
 

@@ -333,6 +333,7 @@ def _execute(cfg, out, options, resolved, world, device, teacher, meta, *, resum
                                  download=cfg["download"], classes=classes, image_size=height)
             real_images = train.images
         options["images"] = real_images
+    options.update({arg: meta.get(key) for arg, key in synthesizer_class(cfg["method"]).teacher_meta_arguments.items()})
     bn_priors, prior_records = load_bn_priors(cfg["bn_priors"], meta, device)
     synth = (make_synthesizer or create_synthesizer)(
         cfg["method"], teacher, image_shape=meta["image_shape"], num_classes=len(classes), device=device,

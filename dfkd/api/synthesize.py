@@ -27,7 +27,7 @@ from dfkd.api.runs import RunError, load_bn_priors
 from dfkd.config import load_yaml
 from dfkd.data.folder import read_manifest, write_manifest, write_shard
 from dfkd.engine import rundir
-from generators import create_synthesizer
+from generators import create_synthesizer, synthesizer_class
 from teachers import freeze, is_pretrained_spec, load_teacher
 from teachers.device import batched_logits, resolve_device, seed_everything
 from teachers.files import sha256_file
@@ -76,9 +76,10 @@ def synthesize(run_dir, out, images: int = 10_000, shard_size: int = 4096, devic
     teacher = freeze(teacher.to(device))
     seed_everything(int(cfg.get("seed", 0)))
     bn_priors, _ = load_bn_priors(cfg.get("bn_priors"), meta, device)
+    from_meta = {arg: meta.get(key) for arg, key in synthesizer_class(cfg["method"]).teacher_meta_arguments.items()}
     synth = create_synthesizer(cfg["method"], teacher, image_shape=meta["image_shape"], num_classes=len(meta["classes"]),
                                device=device, seed=int(cfg.get("seed", 0)), precision=cfg.get("precision", "auto"),
-                               **({"bn_priors": bn_priors} if bn_priors else {}), **cfg["options"])
+                               **({"bn_priors": bn_priors} if bn_priors else {}), **from_meta, **cfg["options"])
 
     counts = torch.zeros(len(meta["classes"]), dtype=torch.long)
     sums = torch.zeros(meta["image_shape"][0], dtype=torch.float64)

@@ -9,6 +9,7 @@ from pathlib import Path
 from dfkd.api.config import TeacherConfig
 from dfkd.api.runs import RunError
 from dfkd.data import DatasetInfo, load_dataset, parse_classes
+from generators.activation_records import RECORDS_KEY, record_activations
 from teachers import build_model, save_checkpoint, train_classifier
 from teachers.device import resolve_device, seed_everything
 
@@ -59,5 +60,7 @@ def train_teacher(config: TeacherConfig | dict | None = None, *, progress: bool 
     meta = dataset_meta(info)
     meta.update(test_accuracy=float(result["test_accuracy"]), seed=cfg["seed"], config=cfg,
                 train_seconds=round(seconds, 1), per_class_accuracy=result["per_class_accuracy"])
+    if cfg["record_metadata"]:  # while the training data is at hand (generators.lopes)
+        meta[RECORDS_KEY] = record_activations(model, train.images, train.labels, info.num_classes, device=device)
     path = save_checkpoint(cfg["out"], model.cpu(), meta)
     return TeacherResult(Path(path), float(result["test_accuracy"]), seconds, len(test), info.name)

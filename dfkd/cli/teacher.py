@@ -29,6 +29,8 @@ def add_parsers(sub) -> None:
     p.add_argument("--data-root", help="directory with the data set's files")
     p.add_argument("--download", action="store_true", default=None, help="download the data set through torchvision if missing")
     p.add_argument("--image-size", type=int, help="resize images to this side (default: the data set's)")
+    p.add_argument("--record-metadata", action="store_true", default=None,
+                   help="also record per-class activation statistics of the training data (needed by --method lopes)")
     p.add_argument("--out", help="where to write the checkpoint (.pt)")
     add_common(p)
     p.set_defaults(func=run_train_teacher)
