@@ -92,11 +92,12 @@ def teacher_stats(teacher: nn.Module, channels: int):
 
 
 def bn_statistics_hook(teacher: nn.Module, method: str, bn_weight: float, momentum: float = 0.0,
-                       first_layer_weight: float = 1.0) -> BNStatisticsHook:
+                       first_layer_weight: float = 1.0, global_moments: bool = False) -> BNStatisticsHook:
     """The BN-statistics hook of an inversion method, recording only inside
     :meth:`BNStatisticsHook.capture` (the teacher's relabelling passes skip it). A teacher
     without BatchNorm is refused unless the term is dropped (``bn_weight=0``)."""
-    hook = BNStatisticsHook(teacher, momentum=momentum, first_layer_weight=first_layer_weight)
+    hook = BNStatisticsHook(teacher, momentum=momentum, first_layer_weight=first_layer_weight,
+                            global_moments=global_moments)
     hook.enabled = False
     if len(hook) == 0 and bn_weight != 0:
         hook.close()
@@ -317,6 +318,8 @@ class Synthesizer:
     @classmethod
     def all_defaults(cls) -> dict:
         merged = dict(cls.common_defaults)
+        if cls.uses_bn_statistics:  # under torchrun: match the global batch's moments (dfkd.core.collective)
+            merged["bn_global_moments"] = False
         merged.update(cls.defaults)
         return merged
 

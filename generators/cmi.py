@@ -225,7 +225,7 @@ class CMI(Synthesizer):
             raise SynthesizerOptionError("cmi: reset_every and n_negatives must be 0 or more")
         if not 0 < o["local_scale_min"] <= 1 or o["cr_temperature"] <= 0:
             raise SynthesizerOptionError("cmi: local_scale_min must be in (0, 1] and cr_temperature above 0")
-        self.bn_hook = bn_statistics_hook(teacher, "cmi", o["bn_weight"])
+        self.bn_hook = bn_statistics_hook(teacher, "cmi", o["bn_weight"], global_moments=o["bn_global_moments"])
         self.bn_priors = self.build_bn_priors()
         paths = feature_paths(teacher)
         if not paths:

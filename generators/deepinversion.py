@@ -121,7 +121,8 @@ class DeepInversion(Synthesizer):
     def __init__(self, teacher, image_shape, num_classes, device="cpu", seed=0, **options):
         super().__init__(teacher, image_shape, num_classes, device, seed, **options)
         o = self.options
-        self.bn_hook = bn_statistics_hook(teacher, "deepinversion", o["bn_weight"], first_layer_weight=o["first_bn_weight"])
+        self.bn_hook = bn_statistics_hook(teacher, "deepinversion", o["bn_weight"], first_layer_weight=o["first_bn_weight"],
+                                          global_moments=o["bn_global_moments"])
         self.bn_priors = self.build_bn_priors(first_layer_weight=o["first_bn_weight"])
         mean, std = teacher_stats(teacher, self.image_shape[0])
         self.pixel_mean = mean.view(1, -1, 1, 1).to(self.device)

@@ -120,7 +120,7 @@ class Fast(Synthesizer):
         if o["iterations"] < 1:
             raise SynthesizerOptionError("fast: iterations must be at least 1")
         self.bn_hook = bn_statistics_hook(teacher, "fast", o["bn_weight"], momentum=o["bn_momentum"],
-                                          first_layer_weight=o["first_bn_weight"])
+                                          first_layer_weight=o["first_bn_weight"], global_moments=o["bn_global_moments"])
         self.bn_priors = self.build_bn_priors(momentum=o["bn_momentum"], first_layer_weight=o["first_bn_weight"])
         with seeded(seed):
             self.generator = DCGANGenerator(o["nz"], self.image_shape, o["ngf"], output="sigmoid",

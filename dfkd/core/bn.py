@@ -11,6 +11,7 @@ import contextlib
 import torch
 from torch import nn
 
+from dfkd.core.collective import global_mean_var
 from dfkd.core.losses import bn_statistics_loss
 from dfkd.core.taps import bn_layers, is_ensemble, members
 
@@ -38,9 +39,14 @@ class BNStatisticsHook:
     ``first_layer_weight`` multiplies the term of the first BatchNorm layer of the model (of
     each member, for an ensemble), whose statistics are the closest to pixel statistics;
     the official DeepInversion ImageNet code uses 10 (``first_bn_multiplier``).
+
+    ``global_moments`` (under ``torchrun``): the batch moments are those of every process's
+    batch together (:func:`dfkd.core.collective.global_mean_var`, differentiable), as one
+    process holding the global batch would see them; otherwise each rank's own share.
     """
 
-    def __init__(self, model: nn.Module, momentum: float = 0.0, first_layer_weight: float = 1.0):
+    def __init__(self, model: nn.Module, momentum: float = 0.0, first_layer_weight: float = 1.0,
+                 global_moments: bool = False):
         self.bn_layers = bn_layers(model)
         self.layer_weights: dict[int, float] = {}
         if float(first_layer_weight) != 1.0:
@@ -50,6 +56,7 @@ class BNStatisticsHook:
                     self.layer_weights[id(first)] = float(first_layer_weight)
         self.layer_losses: list[torch.Tensor] = []
         self.momentum = float(momentum)
+        self.global_moments = bool(global_moments)  # moments over every process's batch (torchrun)
         self.averages: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self._last: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.sample_masks: dict[int, torch.Tensor] = {}
@@ -67,7 +74,9 @@ class BNStatisticsHook:
         dims = [0] + list(range(2, x.dim()))
         mask = self.sample_masks.get(key)
         present = None
-        if mask is None:
+        if mask is None and self.global_moments:
+            mean, var = global_mean_var(x, dims)
+        elif mask is None:
             var, mean = torch.var_mean(x, dim=dims, unbiased=False)
         else:  # statistics over the masked samples only (no host sync when the mask is empty)
             weight = mask.to(x.dtype).view(-1, *([1] * (x.dim() - 1)))

@@ -120,36 +120,6 @@ def sum_int(value: int, world: World) -> int:
     return int(total)
 
 
-class _SumOverRanks(torch.autograd.Function):
-    """``all_reduce(SUM)`` forward; the gradient passes through unchanged. A loss built on the
-    sum is the same on every rank, so each rank already holds the whole ``dL/dsum`` and its
-    own share's gradient is exactly that (an all-reduce backward would count it once per rank)."""
-
-    @staticmethod
-    def forward(ctx, x):
-        total = x.clone()
-        dist.all_reduce(total)
-        return total
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad
-
-
-def global_mean_var(x: torch.Tensor, dims: list[int], world: World) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean and (biased) variance of ``x`` over ``dims`` and over every rank's batch. Gradients
-    reach each rank's own images and equal those of one process holding every batch (see
-    :class:`_SumOverRanks`). With one process, ``torch.var_mean``."""
-    if not world.distributed:
-        var, mean = torch.var_mean(x, dim=dims, unbiased=False)
-        return mean, var
-    count = torch.full((1,), float(x.numel() // x.shape[1]), device=x.device, dtype=x.dtype)
-    sums = _SumOverRanks.apply(torch.cat([count, x.sum(dims), (x * x).sum(dims)]))
-    total, channels = sums[0], x.shape[1]
-    mean = sums[1 : 1 + channels] / total
-    return mean, sums[1 + channels :] / total - mean * mean
-
-
 def wrap_student(student: nn.Module, world: World, device: torch.device) -> nn.Module:
     """The student as the engine trains it: DistributedDataParallel across ranks, else itself."""
     if not world.distributed:
