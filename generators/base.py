@@ -408,3 +408,22 @@ class Synthesizer:
 
     def describe(self) -> dict:
         return {"method": self.name, **self.options}
+
+
+class PlannedBank(Synthesizer):
+    """A synthesizer that makes its whole bank in planned batches before the student learns
+    from it (ZSKD's Data Impressions, Lopes's reconstructions): a subclass sets ``self.pool``
+    (an :class:`ImagePool`), counts ``self.batches_done`` and keeps ``self.last_terms``, the
+    terms of its latest batch; this class saves and restores the three."""
+
+    def state_dict(self):
+        state = super().state_dict()
+        state.update(pool=self.pool.state_dict(), batches_done=self.batches_done,
+                     last_terms={k: v.cpu() for k, v in self.last_terms.items()})
+        return state
+
+    def load_state_dict(self, state):
+        super().load_state_dict(state)
+        self.pool.load_state_dict(state["pool"], self.device)
+        self.batches_done = int(state["batches_done"])
+        self.last_terms = {k: v.to(self.device) for k, v in state.get("last_terms", {}).items()}

@@ -24,7 +24,7 @@ from generators.activation_records import (
 )
 from generators.base import (
     ImagePool,
-    Synthesizer,
+    PlannedBank,
     SynthesizerOptionError,
     SyntheticBatch,
     augment_batch,
@@ -33,7 +33,7 @@ from generators.base import (
 
 
 @register_synthesizer("lopes")
-class Lopes(Synthesizer):
+class Lopes(PlannedBank):
     """Data-free KD from activation records (Lopes et al. 2017): inputs reconstructed from
     per-class statistics of the teacher's activations.
 
@@ -212,14 +212,3 @@ class Lopes(Synthesizer):
             return self.initial_images(n).clamp(0, 1)
         return self.pool.sample(n, self.rng)
 
-    def state_dict(self):
-        state = super().state_dict()
-        state.update(pool=self.pool.state_dict(), batches_done=self.batches_done,
-                     last_terms={k: v.cpu() for k, v in self.last_terms.items()})
-        return state
-
-    def load_state_dict(self, state):
-        super().load_state_dict(state)
-        self.pool.load_state_dict(state["pool"], self.device)
-        self.batches_done = int(state["batches_done"])
-        self.last_terms = {k: v.to(self.device) for k, v in state.get("last_terms", {}).items()}

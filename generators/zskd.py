@@ -16,7 +16,7 @@ from torch import nn
 from dfkd.core.taps import head_path, resolve_module
 from generators.base import (
     ImagePool,
-    Synthesizer,
+    PlannedBank,
     SynthesizerOptionError,
     SyntheticBatch,
     augment_batch,
@@ -102,7 +102,7 @@ def paper_augment(images: torch.Tensor, generator: torch.Generator | None = None
 
 
 @register_synthesizer("zskd")
-class ZSKD(Synthesizer):
+class ZSKD(PlannedBank):
     """Zero-Shot Knowledge Distillation: Data Impressions from the teacher's weights.
 
     Soft targets (paper Sec. 3.2): the class-similarity matrix ``C`` of the teacher's final
@@ -306,15 +306,3 @@ class ZSKD(Synthesizer):
             return torch.rand((n, *self.image_shape), generator=self.rng).to(self.device)
         return self.pool.sample(n, self.rng)
 
-    # -- checkpoints ------------------------------------------------------------------------
-    def state_dict(self):
-        state = super().state_dict()
-        state.update(pool=self.pool.state_dict(), batches_done=self.batches_done,
-                     last_terms={k: v.cpu() for k, v in self.last_terms.items()})
-        return state
-
-    def load_state_dict(self, state):
-        super().load_state_dict(state)
-        self.pool.load_state_dict(state["pool"], self.device)
-        self.batches_done = int(state["batches_done"])
-        self.last_terms = {k: v.to(self.device) for k, v in state.get("last_terms", {}).items()}
