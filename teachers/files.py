@@ -1,6 +1,6 @@
 """The one place dfkd writes files: atomically, with one-line errors that say what to do.
 
-:func:`atomic_write` writes to a unique ``.<name>.XXXXXXXX.tmp`` next to the target,
+:func:`atomic_write` writes to a unique ``.<name>.<8 random characters>.tmp`` next to the target,
 fsyncs it, ``os.replace``-s it over the target and fsyncs the directory: a reader (or a
 resumed run) sees the old file or the complete new one, never a half-written one. Whatever
 goes wrong (an exception in the writer, Ctrl-C, a full disk) the temporary file is removed

@@ -17,7 +17,7 @@ Guarantees, whatever kills the process (kill -9, Ctrl-C, a full disk, a power cu
 file system has synced):
 
 - every file present is complete: the old version or the new one, never half of one; a
-  killed writer may leave a hidden ``.<name>.XXXXXXXX.tmp`` file, which :class:`RunLock`
+  killed writer may leave a hidden ``.<name>.<8 random characters>.tmp`` file, which :class:`RunLock`
   deletes when the next process takes the directory;
 - no file comes from another run: one process at a time holds a directory (:class:`RunLock`),
   a new run refuses a directory that holds a run (unless ``--overwrite``, which first deletes
@@ -84,7 +84,7 @@ STATUSES = ("missing", "empty", "started", "training", "trained", "finished")
 #: Config keys ``--resume`` lets differ from the saved config: where things are and how often
 #: to log or save, none of which changes the student.
 RESUME_FREE_KEYS = ("out", "device", "data_root", "download", "log_every", "checkpoint_every", "checkpoint_seconds")
-# temporary files of killed writers: ".<name>.XXXXXXXX.tmp" from teachers.files (and the names the reporting
+# temporary files of killed writers: ".<name>.<8 random characters>.tmp" from teachers.files (and the names the reporting
 # modules gave their temporary files before they wrote through teachers.files)
 _TEMP = re.compile(r"^\..+\.tmp(\d+)?(\.png)?$")
 
