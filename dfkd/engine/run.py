@@ -27,7 +27,6 @@ import csv
 import logging
 import math
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,7 +37,6 @@ from dfkd.engine.distributed import (
     SINGLE,
     World,
     all_gather_cat,
-    all_min,
     average_gradients,
     broadcast_buffers,
     gather_objects,
@@ -52,20 +50,15 @@ from dfkd.engine.distributed import (
 )
 from dfkd.engine.ema import WeightAverage
 from dfkd.engine.evaluation import EvalData, match_rate, per_class_accuracy, predict
+from dfkd.engine.guard import FiniteGuard, NonFiniteError
 from dfkd.engine.optim import StudentOptim
 from dfkd.engine.rundir import DeferredInterrupt, ResumeError, check_resume_config  # noqa: F401  (ResumeError: re-exported)
+from dfkd.engine.state import STATE_FORMAT, DistillationError, read_state
 from generators.base import Synthesizer
 from teachers.checkpoint import save_checkpoint
 from teachers.files import atomic_write, torch_save
 
 log = logging.getLogger("dfkd")
-
-STATE_FORMAT = "dfkd-run-state/1"
-
-
-class DistillationError(RuntimeError):
-    """A run that cannot continue (non-finite loss, inconsistent resume state)."""
-
 
 class RunInterrupted(KeyboardInterrupt):
     """Ctrl-C stopped the run; ``saved_step`` is the step of the state on disk (None: none)."""
@@ -139,7 +132,7 @@ class DistillationRun:
         self._last_predictions: torch.Tensor | None = None  # the student's, at the latest evaluation
         self.saved_step: int | None = None  # the step of the state on disk
         self._interrupt = None  # the DeferredInterrupt of a running loop
-        self._reset_guard()
+        self.guard = FiniteGuard(self.device, self.world)
 
     # -- persistence ----------------------------------------------------------------------
     @property
@@ -182,23 +175,7 @@ class DistillationRun:
         """Continue from ``state.pt``. With ``config`` (the resolved config of ``config.yaml``),
         refuse (:class:`ResumeError`) a config that differs from the one the state was saved
         with, except in :data:`dfkd.engine.rundir.RESUME_FREE_KEYS`."""
-        try:
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message="Detected pickle protocol")
-                state = torch.load(self.state_path, map_location=self.device, weights_only=True)
-        except Exception as exc:  # corrupt, foreign or hostile file (weights_only never runs its code)
-            detail = " ".join(str(exc).split())[:200]
-            raise DistillationError(f"cannot resume from {self.state_path}: it is truncated or not a run state "
-                                    f"({type(exc).__name__}: {detail})") from None
-        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
-            raise DistillationError(f"{self.state_path} is not a dfkd run state (format {STATE_FORMAT})")
-        saved_world = int(state.get("world_size", 1))
-        if saved_world != self.world.world_size:
-            how = "without torchrun" if saved_world == 1 else f"with torchrun --nproc_per_node={saved_world}"
-            raise DistillationError(f"{self.state_path} was written by {saved_world} process(es), this run has "
-                                    f"{self.world.world_size}; resume it {how}")
-        if self.world.distributed:  # this rank's own synthesizer and random state
-            state.update(state["rank_states"][self.world.rank])
+        state = read_state(self.state_path, self.device, self.world)
         if config is not None and isinstance(state.get("config"), dict):
             check_resume_config(self.run_dir / "config.yaml", state["config"], config, int(state["step"]))
         try:
@@ -222,43 +199,19 @@ class DistillationRun:
                 raise DistillationError(f"{self.state_path} was written without student_ema; resume with the run's own config")
             self.ema.load_state_dict(state["student_ema"])
         self.saved_step = self.step
-        self._reset_guard()
+        self.guard.reset(self.step)
 
     # -- the non-finite guard -----------------------------------------------------------
-    def _reset_guard(self) -> None:
-        """Accumulate on the device, from this step on, whether every step was finite."""
-        self._all_finite = torch.ones((), dtype=torch.bool, device=self.device)
-        self._finite_steps = torch.zeros((), dtype=torch.long, device=self.device)  # steps before the first bad one
-        self._guard_from = self.step
-
-    def _guard(self, total: torch.Tensor, gen_terms: dict | None) -> None:
-        """Fold this step's finiteness into the guard (device ops only, no sync)."""
-        ok = torch.isfinite(total.detach())
-        for value in (gen_terms or {}).values():
-            if isinstance(value, torch.Tensor):
-                ok = ok & torch.isfinite(value.detach()).all()
-        self._all_finite.logical_and_(ok.to(self._all_finite.device))
-        self._finite_steps.add_(self._all_finite)
-
     def check_finite(self, weights: bool = False, terms: dict | None = None) -> None:
         """Raise :class:`DistillationError` if a step since the guard was reset (or, with
         ``weights``, the student's weights) was non-finite: one host synchronisation."""
-        flags = [self._all_finite, self._finite_steps]
-        if weights:
-            flags += [torch.isfinite(p.detach()).all().to(self.device) for p in self.student.parameters()]
-        all_finite, finite_steps, *weights_ok = all_min(torch.stack([f.long() for f in flags]), self.world).tolist()
-        if all_finite and all(weights_ok):
-            return
-        if all_finite:
-            what = f"the student's weights became non-finite by step {self.step}"
-        else:
-            names = [repr(k) for k, v in (terms or {}).items() if isinstance(v, torch.Tensor) and not bool(v.isfinite().all())]
-            which = f" (loss term{'s' if len(names) > 1 else ''} {', '.join(names)})" if names else ""
-            what = f"the loss became non-finite at step {self._guard_from + finite_steps + 1}{which}"
-        kept = (f"the last good state (step {self.saved_step}) is kept in {self.run_dir}"
-                if self.saved_step is not None else f"no state was saved in {self.run_dir}")
-        raise DistillationError(f"{what}; the run was stopped and nothing from that step on was saved; {kept}; "
-                                "lower the learning rate (--student-lr) or check the teacher")
+        try:
+            self.guard.check(self.step, self.student if weights else None, terms)
+        except NonFiniteError as exc:
+            kept = (f"the last good state (step {self.saved_step}) is kept in {self.run_dir}"
+                    if self.saved_step is not None else f"no state was saved in {self.run_dir}")
+            raise DistillationError(f"{exc}; the run was stopped and nothing from that step on was saved; {kept}; "
+                                    "lower the learning rate (--student-lr) or check the teacher") from None
 
     # -- evaluation -----------------------------------------------------------------------
     def _predict(self, model: nn.Module, images: torch.Tensor) -> torch.Tensor:
@@ -366,7 +319,7 @@ class DistillationRun:
                 batch = self.synth.sample()
                 losses, _, _ = self.synth.student_losses(self.train_student, batch)
                 total = sum(losses.values())
-                self._guard(total, gen_terms)  # device ops only
+                self.guard.fold(total, gen_terms)  # device ops only
                 self.optimizer.zero_grad(set_to_none=True)
                 self.scaler.scale(total).backward()
                 average_gradients(self.extra, self.world)  # the student's own are averaged by DDP
