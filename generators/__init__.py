@@ -4,7 +4,6 @@ Importing this package registers every built-in method.
 """
 from generators import adversarial, cmi, dafl, deepinversion, dfnd, fast, kegnet, lopes, real, zskd  # noqa: F401
 from generators.base import (
-    ImagePool,
     Synthesizer,
     SynthesizerOptionError,
     SyntheticBatch,
@@ -14,6 +13,7 @@ from generators.base import (
     register_synthesizer,
     synthesizer_class,
 )
+from generators.pool import ImagePool
 
 __all__ = [
     "ImagePool",

@@ -10,7 +10,6 @@ from torch import nn
 from dfkd.core.losses import agreement_masked_kl
 from dfkd.core.taps import FeatureTap, block_paths, inner_network
 from generators.base import (
-    ImagePool,
     Synthesizer,
     SynthesizerOptionError,
     SyntheticBatch,
@@ -20,6 +19,7 @@ from generators.base import (
     seeded,
 )
 from generators.networks import DCGANGenerator
+from generators.pool import ImagePool
 
 
 class ProjectionHead(nn.Module):

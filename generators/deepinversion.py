@@ -9,7 +9,6 @@ import torch.nn.functional as F
 from dfkd.core.bn import member_sample_masks
 from dfkd.core.losses import adi_competition_loss, l2_prior, total_variation_l1, total_variation_l2
 from generators.base import (
-    ImagePool,
     Synthesizer,
     SynthesizerOptionError,
     SyntheticBatch,
@@ -20,6 +19,7 @@ from generators.base import (
     register_synthesizer,
     teacher_stats,
 )
+from generators.pool import ImagePool
 
 
 def cosine_with_warmup(base_lr: float, step: int, total: int, warmup: int) -> float:

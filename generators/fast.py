@@ -10,7 +10,6 @@ import torch.nn.functional as F
 from dfkd.core.bn import member_sample_masks
 from dfkd.core.losses import agreement_masked_kl
 from generators.base import (
-    ImagePool,
     Synthesizer,
     SynthesizerOptionError,
     SyntheticBatch,
@@ -21,6 +20,7 @@ from generators.base import (
     seeded,
 )
 from generators.networks import DCGANGenerator
+from generators.pool import ImagePool
 
 
 @register_synthesizer("fast")
@@ -70,7 +70,7 @@ class Fast(Synthesizer):
     input domain add their BN-statistics term, ``L_bn_prior``, with weight ``bn_weight`` and
     the same momentum; ``first_bn_weight`` (1, i.e. off, by default): the first BN layer's
     term is multiplied by it, as in the official DeepInversion ImageNet code (10 there); ``balance_classes`` (off by default): each bank image is filed under the teacher's
-    prediction and the student draws classes uniformly (:class:`generators.base.ImagePool`).
+    prediction and the student draws classes uniformly (:class:`generators.pool.ImagePool`).
     An unconditional generator does not follow the one-hot targets in two steps, so its bank
     is as unbalanced as what it happens to make (on Fashion-MNIST: 1% ankle boots, 18% coats).
     """

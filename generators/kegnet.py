@@ -6,7 +6,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from generators.base import (
-    ImagePool,
     Synthesizer,
     SynthesizerOptionError,
     SyntheticBatch,
@@ -14,6 +13,7 @@ from generators.base import (
     seeded,
     teacher_stats,
 )
+from generators.pool import ImagePool
 
 
 class KegNetGenerator(nn.Module):

@@ -23,13 +23,13 @@ from generators.activation_records import (
     sample_targets,
 )
 from generators.base import (
-    ImagePool,
     PlannedBank,
     SynthesizerOptionError,
     SyntheticBatch,
     augment_batch,
     register_synthesizer,
 )
+from generators.pool import ImagePool
 
 
 @register_synthesizer("lopes")

@@ -15,13 +15,13 @@ from torch import nn
 
 from dfkd.core.taps import head_path, resolve_module
 from generators.base import (
-    ImagePool,
     PlannedBank,
     SynthesizerOptionError,
     SyntheticBatch,
     augment_batch,
     register_synthesizer,
 )
+from generators.pool import ImagePool
 
 #: added to every concentration (each similarity row's minimum is 0 after min-max
 #: normalisation, and a Dirichlet needs positive concentrations): the official

@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from generators import SynthesizerOptionError, UnknownSynthesizerError, create_synthesizer, list_synthesizers
-from generators.base import ImagePool, augment_batch
+from generators.base import augment_batch
+from generators.pool import ImagePool
 
 SHAPE = (1, 32, 32)
 

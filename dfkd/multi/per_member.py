@@ -62,7 +62,6 @@ from dfkd.multi.member_settings import (  # noqa: F401  (part of this module's A
 )
 from dfkd.multi.member_targets import member_losses, member_target  # noqa: F401  (part of this module's API)
 from generators.base import (
-    ImagePool,
     Synthesizer,
     SynthesizerOptionError,
     SyntheticBatch,
@@ -71,6 +70,7 @@ from generators.base import (
     mix_batch,
     synthesizer_class,
 )
+from generators.pool import ImagePool
 from teachers.device import check_precision
 
 __all__ = ["PER_MEMBER_METHODS", "OTHER_LOGIT", "MemberBatch", "MemberTeacher", "MemberView", "OriginPool",
@@ -144,7 +144,7 @@ class MemberView(nn.Module):
 
 
 class OriginPool(ImagePool):
-    """The bank of one member: a FIFO :class:`~generators.base.ImagePool` whose ``add`` (called
+    """The bank of one member: a FIFO :class:`~generators.pool.ImagePool` whose ``add`` (called
     by the member's synthesizer) asks ``on_add(images)`` for each image's label (the origin
     member's class, for class-balanced sampling) and, when caching, every member's logits
     ``(T, n, K)`` on it, kept beside the image."""
