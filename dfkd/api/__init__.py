@@ -3,7 +3,7 @@ keywords) and returning a result object. The command line is a thin layer over i
 from dfkd.api.amalgamate import amalgamate
 from dfkd.api.config import AmalgamateConfig, DistillConfig, TeacherConfig
 from dfkd.api.distill import distill
-from dfkd.api.runs import RunError, RunResult
+from dfkd.api.results import RunError, RunResult
 from dfkd.api.synthesize import synthesize
 from dfkd.api.teacher import TeacherResult, train_teacher
 

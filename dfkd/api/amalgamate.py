@@ -13,7 +13,8 @@ from __future__ import annotations
 import torch
 
 from dfkd.api.config import AmalgamateConfig
-from dfkd.api.runs import RunError, RunResult, execute, resume_config
+from dfkd.api.results import RunError, RunResult
+from dfkd.api.runs import execute, resume_config
 from dfkd.data import list_datasets, load_dataset
 from dfkd.engine.evaluation import match_rate, predict
 from dfkd.multi.ensemble import TeacherEnsemble, adapt_input

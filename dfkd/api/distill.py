@@ -4,7 +4,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from dfkd.api.config import DistillConfig
-from dfkd.api.runs import RunError, RunResult, execute, resume_config
+from dfkd.api.results import RunError, RunResult
+from dfkd.api.runs import execute, resume_config
 from teachers import is_pretrained_spec, load_teacher
 
 

@@ -20,10 +20,8 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import shutil
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -31,6 +29,8 @@ import torch
 from torch import nn
 
 from dfkd.api.config import RunConfig
+from dfkd.api.preflight import check_memory
+from dfkd.api.results import RunError, RunResult
 from dfkd.data import list_datasets, load_dataset
 from dfkd.data.folder import ImageFolderSet
 from dfkd.engine import rundir
@@ -51,58 +51,6 @@ log = logging.getLogger("dfkd")
 
 #: the files of a run directory (:data:`dfkd.engine.rundir.RUN_FILES`)
 RUN_FILES = rundir.RUN_FILES
-#: a batch needs at least this many times its images' bytes (activations and gradients)
-MEMORY_FACTOR = 16
-
-
-class RunError(ValueError):
-    """A run that cannot start as asked (missing input, occupied run directory ...)."""
-
-
-@dataclass
-class RunResult:
-    """What a finished run returns: its directory and its ``summary.json`` as a dict."""
-
-    run_dir: Path
-    summary: dict
-
-    @property
-    def student_accuracy(self) -> float | None:
-        return self.summary.get("student_accuracy")
-
-    def load_student(self, map_location="cpu"):
-        """The distilled student and its metadata (``student.pt``)."""
-        return load_checkpoint(self.run_dir / "student.pt", map_location=map_location)
-
-
-class _RunLog(logging.FileHandler):
-    """``run.log``; a write it cannot make (a full disk) is dropped without the traceback
-    logging would print: the run's own writes report the disk."""
-
-    def handleError(self, record) -> None:
-        pass
-
-
-def setup_logging(run_dir: Path) -> logging.Handler:
-    """Log to ``run_dir/run.log`` (and nowhere else); returns the handler (close it at the end)."""
-    root = logging.getLogger("dfkd")
-    root.setLevel(logging.INFO)
-    for handler in list(root.handlers):
-        root.removeHandler(handler)
-        handler.close()
-    handler = _RunLog(run_dir / rundir.LOG, encoding="utf-8")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    root.addHandler(handler)
-    root.propagate = False
-    return handler
-
-
-def _close_logging(handler: logging.Handler | None) -> None:
-    if handler is not None:
-        logging.getLogger("dfkd").removeHandler(handler)
-        handler.close()
-
-
 def check_new_run_dir(out: Path, overwrite: bool) -> None:
     """Refuse a new run into a directory that holds one (finished or not) unless ``overwrite``,
     which deletes that run's files (:data:`dfkd.engine.rundir.OWNED_FILES`). Hold the lock."""
@@ -138,35 +86,6 @@ def resume_config(run_dir, config_class: type[RunConfig], changes: dict | None =
                        "start a new run with another --out, or with --overwrite")
     config = config_class.from_layers(load_yaml(run_dir / rundir.CONFIG), {"out": str(run_dir)}, changes)
     return config, (run_dir / rundir.STATE).is_file()
-
-
-def available_memory(device: torch.device) -> int | None:
-    """Bytes of memory on ``device`` (the GPU's, else the machine's RAM), or None if unknown."""
-    try:
-        if device.type == "cuda":
-            return int(torch.cuda.get_device_properties(device).total_memory)
-        return int(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
-    except (AttributeError, ValueError, OSError, RuntimeError):
-        return None
-
-
-def check_memory(image_shape, options: dict, samples: int, device: torch.device, steps: int = 1) -> None:
-    """Refuse a run whose batches cannot fit in memory, before anything is allocated: a batch
-    needs at least ``MEMORY_FACTOR`` x its images' float32 bytes (an image pool and the plot
-    samples their own bytes: the pool as full as ``steps`` can fill it)."""
-    per_image = 4
-    for side in image_shape:
-        per_image *= int(side)
-    batch = max(int(options.get(key) or 0) for key in ("batch_size", "synthesis_batch_size"))
-    rounds = -(-int(steps) // max(1, int(options.get("student_steps_per_round") or 1)))
-    pool = min(int(options.get("pool_size") or 0), int(options.get("synthesis_batch_size") or 0) * rounds)
-    need = per_image * (batch * MEMORY_FACTOR + pool + int(samples or 0))
-    have = available_memory(device)
-    if have is not None and need > have:
-        shape = "x".join(str(int(v)) for v in image_shape)
-        raise RunError(f"a batch of {batch:,} images of {shape} needs at least {need / 2**30:,.1f} GiB of memory, "
-                       f"more than the {have / 2**30:,.1f} GiB of {device}; lower batch_size "
-                       "(and options.synthesis_batch_size / options.pool_size)")
 
 
 def _missing_dirs(path: Path) -> list[Path]:
@@ -369,7 +288,7 @@ def _execute(cfg, out, options, resolved, world, device, teacher, meta, *, resum
         if world.is_main:
             try:
                 has_state = _prepare_run_dir(out, cfg, resume, overwrite, wrote)
-                handler = setup_logging(out)
+                handler = rundir.open_run_log(out)
             except BaseException as exc:
                 refusal = exc
         has_state, refused = broadcast_object((has_state, None if refusal is None else str(refusal)), world)
@@ -405,7 +324,7 @@ def _execute(cfg, out, options, resolved, world, device, teacher, meta, *, resum
             raise
         return RunResult(out, summary)
     except BaseException as exc:
-        _close_logging(handler)
+        rundir.close_run_log(handler)
         handler = None
         before_first_step = run is None or (run.step == 0 and run.saved_step is None)
         if not resume and before_first_step:
@@ -418,7 +337,7 @@ def _execute(cfg, out, options, resolved, world, device, teacher, meta, *, resum
             raise RunInterrupted(out, run.saved_step if run is not None else None) from None
         raise
     finally:
-        _close_logging(handler)
+        rundir.close_run_log(handler)
         if lock is not None:
             lock.release()
 

@@ -23,7 +23,8 @@ from pathlib import Path
 
 import torch
 
-from dfkd.api.runs import RunError, load_bn_priors
+from dfkd.api.results import RunError
+from dfkd.api.runs import load_bn_priors
 from dfkd.config import load_yaml
 from dfkd.data.folder import read_manifest, write_manifest, write_shard
 from dfkd.engine import rundir

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dfkd.api.config import TeacherConfig
-from dfkd.api.runs import RunError
+from dfkd.api.results import RunError
 from dfkd.data import DatasetInfo, load_dataset, parse_classes
 from generators.activation_records import RECORDS_KEY, record_activations
 from teachers import build_model, save_checkpoint, train_classifier

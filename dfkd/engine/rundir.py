@@ -42,6 +42,7 @@ its holder dies, however it dies. Imports only the standard library and ``teache
 """
 from __future__ import annotations
 
+import logging
 import os
 import re
 import signal
@@ -330,3 +331,32 @@ class RunLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+class _RunLog(logging.FileHandler):
+    """``run.log``; a write it cannot make (a full disk) is dropped without the traceback
+    logging would print: the run's own writes report the disk."""
+
+    def handleError(self, record) -> None:
+        pass
+
+
+def open_run_log(run_dir: Path) -> logging.Handler:
+    """Log to ``run_dir/run.log`` (and nowhere else); returns the handler (close it at the end)."""
+    root = logging.getLogger("dfkd")
+    root.setLevel(logging.INFO)
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+        handler.close()
+    handler = _RunLog(run_dir / LOG, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    root.addHandler(handler)
+    root.propagate = False
+    return handler
+
+
+def close_run_log(handler: logging.Handler | None) -> None:
+    """Detach and close the handler :func:`open_run_log` returned (None: nothing to close)."""
+    if handler is not None:
+        logging.getLogger("dfkd").removeHandler(handler)
+        handler.close()
