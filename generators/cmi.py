@@ -261,7 +261,7 @@ class CMI(Synthesizer):
         local_view = random_resized_crop(images, (o["local_scale_min"], 1.0), flip=o["flip"], generator=self.rng)
         with self.bn_hook.capture(), self.autocast():
             t_global = self.teacher(global_view).float()
-        terms = {"bn": self.bn_hook.loss() if len(self.bn_hook) else t_global.new_zeros(()),
+        terms = {"bn": self.bn_hook.loss(t_global.device) if len(self.bn_hook) else t_global.new_zeros(()),
                  "oh": F.cross_entropy(t_global, targets)}
         global_feature = self.instance_features()
         if len(self.bn_priors):

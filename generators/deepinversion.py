@@ -162,7 +162,7 @@ class DeepInversion(Synthesizer):
         with self.bn_hook.capture(masks), self.autocast():
             logits = self.teacher(x).float()
         terms = {"ce": F.cross_entropy(logits, targets)}
-        terms["bn"] = self.bn_hook.loss() if len(self.bn_hook) else logits.new_zeros(())
+        terms["bn"] = self.bn_hook.loss(logits.device) if len(self.bn_hook) else logits.new_zeros(())
         if len(self.bn_priors):  # other zoo members' BN statistics (generators.priors)
             with self.autocast():
                 terms["bn_prior"] = self.bn_priors.loss(x)

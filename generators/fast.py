@@ -138,7 +138,7 @@ class Fast(Synthesizer):
         with self.bn_hook.capture(masks), self.autocast():
             teacher_logits = self.teacher(seen).float()
         terms = {"oh": F.cross_entropy(teacher_logits, targets)}
-        terms["bn"] = self.bn_hook.loss() if len(self.bn_hook) else teacher_logits.new_zeros(())
+        terms["bn"] = self.bn_hook.loss(teacher_logits.device) if len(self.bn_hook) else teacher_logits.new_zeros(())
         if len(self.bn_priors):
             with self.autocast():
                 terms["bn_prior"] = self.bn_priors.loss(seen)
@@ -247,6 +247,6 @@ class Fast(Synthesizer):
         self.generator.load_state_dict(state["generator"])
         self.meta_optimizer.load_state_dict(state["meta_optimizer"])
         self.pool.load_state_dict(state["pool"], self.device)
-        self.bn_hook.load_state_dict(state["bn_averages"], self.device)
-        self.bn_priors.load_state_dict(state.get("bn_prior_averages"), self.device)
+        self.bn_hook.load_state_dict(state["bn_averages"])
+        self.bn_priors.load_state_dict(state.get("bn_prior_averages"))
         self.rounds = int(state["rounds"])

@@ -79,14 +79,14 @@ class BNPriors:
     def state_dict(self) -> list:
         return [hook.state_dict() for hook in self.hooks]
 
-    def load_state_dict(self, state: list | None, device=None) -> None:
+    def load_state_dict(self, state: list | None) -> None:
         if state is None:  # a checkpoint written before BN priors existed
             return
         if len(state) != len(self.hooks):
             raise BNPriorError(f"the checkpoint holds the statistics of {len(state)} BN priors, this run has "
                                f"{len(self.hooks)}; resume with the same bn_priors")
         for hook, entry in zip(self.hooks, state):
-            hook.load_state_dict(entry, device)
+            hook.load_state_dict(entry)
 
     def close(self) -> None:
         for hook in self.hooks:

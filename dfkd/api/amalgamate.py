@@ -19,6 +19,7 @@ from dfkd.data import list_datasets, load_dataset
 from dfkd.engine.evaluation import match_rate, predict
 from dfkd.multi.ensemble import TeacherEnsemble, adapt_input
 from dfkd.multi.per_member import PerMemberSynthesizer, resolve_synthesis
+from dfkd.multi.placement import parse_member_devices
 from dfkd.multi.synthesizer import AmalgamationSynthesizer
 from generators import create_synthesizer, synthesizer_class
 
@@ -72,6 +73,9 @@ def amalgamate(config: AmalgamateConfig | dict | None = None, *, resume: bool | 
 
     ensemble = TeacherEnsemble.from_zoo(cfg.zoo, combine=cfg.combine, combine_options=cfg.combine_options,
                                         class_map=cfg.class_map, allow_mixed=cfg.allow_mixed)
+    if cfg.member_devices:  # a zoo too large for one device (dfkd.multi.placement)
+        ensemble.place_members(parse_member_devices(cfg.member_devices))
+        say("members on " + ", ".join(f"{n}: {d}" for n, d in zip(ensemble.names, ensemble.placed_devices())))
     if cfg.combine == "auto":  # config.yaml records what auto resolved to
         cfg = cfg.replace(combine=ensemble.combiner.name)
         say(f"combine auto -> {cfg.combine}: {ensemble.combine_reason}")

@@ -217,5 +217,8 @@ class AmalgamateConfig(RunConfig):
     student_loss: str = "combiner"
     dataset: Any = None
     allow_mixed: bool = False
+    # the members' devices (dfkd.multi.placement): "cuda:0,cuda:1" or a list, member i on entry i mod n;
+    # None: every member on the run's device
+    member_devices: Any = None
     class_map: Any = None
     real_limit: int = 0

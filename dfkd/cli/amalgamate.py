@@ -25,9 +25,6 @@ from dfkd.cli.common import (
 )
 from dfkd.config import ConfigError, parse_value
 
-_OWN_FLAGS = ("zoo", "combine", "synthesis", "features", "layers", "feature_weight", "student_loss", "dataset", "allow_mixed",
-              "real_limit")
-
 
 def add_parser(sub) -> None:
     """Add the ``amalgamate`` subcommand to the ``dfkd`` parser."""
@@ -62,6 +59,9 @@ def add_parser(sub) -> None:
     p.add_argument("--real-limit", type=int, help="--method real: use at most this many training images (default 0: all)")
     p.add_argument("--allow-mixed", action="store_true", default=None,
                    help="merge teachers of different data sets/image shapes")
+    p.add_argument("--member-devices", metavar="DEV[,DEV...]",
+                   help="keep the members on these devices, member i on the (i mod n)-th (e.g. cuda:0,cuda:1), for a "
+                        "zoo that does not fit on one; the student, generators and banks stay on --device")
     add_run_arguments(p)
     add_common(p)
     p.set_defaults(func=run)

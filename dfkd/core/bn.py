@@ -79,7 +79,7 @@ class BNStatisticsHook:
         elif mask is None:
             var, mean = torch.var_mean(x, dim=dims, unbiased=False)
         else:  # statistics over the masked samples only (no host sync when the mask is empty)
-            weight = mask.to(x.dtype).view(-1, *([1] * (x.dim() - 1)))
+            weight = mask.to(x.device, x.dtype).view(-1, *([1] * (x.dim() - 1)))
             count = weight.sum() * (x[0, 0].numel() if x.dim() > 2 else 1)
             present = (count > 0).to(x.dtype)
             count = count.clamp_min(1.0)
@@ -140,12 +140,13 @@ class BNStatisticsHook:
         """The momentum averages, in BN-layer order (for checkpoints): ``(mean, var, seen)``."""
         return [self.averages.get(id(m)) for m in self.bn_layers]
 
-    def load_state_dict(self, state: list, device=None) -> None:
+    def load_state_dict(self, state: list) -> None:
+        """Averages from :meth:`state_dict`, each on its layer's device."""
         self.averages = {}
         for module, entry in zip(self.bn_layers, state):
             if entry is None:
                 continue
-            entry = tuple(t.to(device) if device is not None else t for t in entry)
+            entry = tuple(t.to(module.running_mean.device) for t in entry)  # a placed member's own device
             if len(entry) == 2:  # states written before the ``seen`` flag: every average held a batch
                 entry = (*entry, torch.ones((), dtype=torch.bool, device=entry[0].device))
             self.averages[id(module)] = entry
@@ -153,10 +154,13 @@ class BNStatisticsHook:
     def reset(self) -> None:
         self.layer_losses = []
 
-    def loss(self) -> torch.Tensor:
+    def loss(self, device: torch.device | None = None) -> torch.Tensor:
+        """The recorded layers' losses summed on ``device`` (default: the first layer's); layers
+        of ensemble members placed on other devices are gathered there."""
         if not self.layer_losses:
             raise RuntimeError("BNStatisticsHook.loss() called before any forward pass")
-        total = torch.stack(self.layer_losses).sum()
+        device = device or self.layer_losses[0].device
+        total = torch.stack([loss.to(device) for loss in self.layer_losses]).sum()
         self.layer_losses = []
         return total
 

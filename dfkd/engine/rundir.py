@@ -84,7 +84,8 @@ OWNED_FILES = RUN_FILES + (LOG,) + PLOTS
 STATUSES = ("missing", "empty", "started", "training", "trained", "finished")
 #: Config keys ``--resume`` lets differ from the saved config: where things are and how often
 #: to log or save, none of which changes the student.
-RESUME_FREE_KEYS = ("out", "device", "data_root", "download", "log_every", "checkpoint_every", "checkpoint_seconds")
+RESUME_FREE_KEYS = ("out", "device", "data_root", "download", "log_every", "checkpoint_every", "checkpoint_seconds",
+                    "member_devices")
 # temporary files of killed writers: ".<name>.<8 random characters>.tmp" from teachers.files (and the names the reporting
 # modules gave their temporary files before they wrote through teachers.files)
 _TEMP = re.compile(r"^\..+\.tmp(\d+)?(\.png)?$")

@@ -44,6 +44,7 @@ from torch import nn
 
 from dfkd.core.taps import FeatureTap, head_path
 from dfkd.multi.combine import Combiner, create_combiner, resolve_combine
+from dfkd.multi.placement import place
 from teachers import NormalizedModel, freeze, load_checkpoint, load_zoo
 
 __all__ = ["EnsembleError", "EnsembleOutput", "TeacherEnsemble", "adapt_input"]
@@ -189,6 +190,7 @@ class TeacherEnsemble(nn.Module):
             raise EnsembleError(f"members {names}: {exc}") from None
         self.combiner.eval()
         self.penultimate = nn.Identity()
+        self.member_devices: list[torch.device] | None = None  # place_members
 
     # -- construction -----------------------------------------------------------------------
     @classmethod
@@ -306,6 +308,24 @@ class TeacherEnsemble(nn.Module):
     def class_indices(self) -> list[torch.Tensor]:
         return [self.index(i) for i in range(len(self))]
 
+    def place_members(self, devices) -> None:
+        """Keep member ``i`` on ``devices[i % len(devices)]`` (``None``: with the ensemble), bridged
+        so that callers' tensors stay on their device (:mod:`dfkd.multi.placement`)."""
+        self.member_devices = [torch.device(d) for d in devices] if devices else None
+        self._bridges = place(self.members, self.member_devices or [], getattr(self, "_bridges", None))
+
+    def placed_devices(self) -> list[torch.device]:
+        """Each member's device."""
+        return [next(iter(m.buffers()), torch.empty(0)).device for m in self.members]
+
+    def _apply(self, fn, *args, **kwargs):
+        """``.to()``, ``.float()`` ...; placed members go back to their own devices."""
+        result = super()._apply(fn, *args, **kwargs)
+        devices = getattr(self, "member_devices", None)
+        for i, member in enumerate(self.members if devices else ()):
+            member.to(devices[i % len(devices)])
+        return result
+
     def member(self, name: str) -> NormalizedModel:
         return self.members[self.names.index(name)]
 
@@ -364,7 +384,7 @@ class TeacherEnsemble(nn.Module):
             x = adapt_input(x, self.member_shapes[i])
         with FeatureTap(member, [head] if tap else [], capture="input") as taps:
             logits = member(x)
-            features = taps[head].flatten(1).float() if tap else None
+            features = taps[head].flatten(1).float().to(x.device) if tap else None
         if logits.dim() != 2 or logits.shape[1] != self.index(i).numel():
             raise EnsembleError(f"member {self.names[i]!r} returned logits of shape {tuple(logits.shape)} but its "
                                 f"meta lists {self.index(i).numel()} classes")

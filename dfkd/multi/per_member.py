@@ -99,6 +99,14 @@ class MemberTeacher(nn.Module):
     def __init__(self, ensemble: TeacherEnsemble, i: int, other: bool):
         super().__init__()
         self.member, self.shape, self.other = ensemble.members[i], tuple(ensemble.member_shapes[i]), bool(other)
+        self.home = (ensemble.member_devices or [None])[i % len(ensemble.member_devices or [None])]
+
+    def _apply(self, fn, *args, **kwargs):
+        """A member placed on a device of its own (:mod:`dfkd.multi.placement`) stays there."""
+        result = super()._apply(fn, *args, **kwargs)
+        if self.home is not None:
+            self.member.to(self.home)
+        return result
 
     @property
     def mean(self):
