@@ -44,14 +44,11 @@ from torch import nn
 
 from dfkd.core.taps import FeatureTap, head_path
 from dfkd.multi.combine import Combiner, create_combiner, resolve_combine
+from dfkd.multi.labels import EnsembleError, union_label_space
 from dfkd.multi.placement import place
 from teachers import NormalizedModel, freeze, load_checkpoint, load_zoo
 
 __all__ = ["EnsembleError", "EnsembleOutput", "TeacherEnsemble", "adapt_input"]
-
-
-class EnsembleError(ValueError):
-    """Members that cannot be merged as asked (data sets, image shapes, classes)."""
 
 
 @dataclass
@@ -169,7 +166,8 @@ class TeacherEnsemble(nn.Module):
         heads = dict(head_paths or {})
         self.member_heads = [_head_path(m, meta, heads.get(n), n) for n, m, meta in entries]
         self._check_compatible(bool(class_map))
-        keys, union, class_names = self._union(class_map, classes)
+        self.member_keys, keys, union, class_names = union_label_space(self.names, self.metas, self.allow_mixed,
+                                                                       class_map, classes)
         self.classes: list[int] = union
         self.class_names: list[str] = class_names
         self.num_classes = len(union)
@@ -238,63 +236,6 @@ class TeacherEnsemble(nn.Module):
                                 f"resize the input for each member (the ensemble reads {list(shapes[0])})")
         self.image_shape = shapes[0]
         self.member_shapes = shapes
-
-    def _union(self, class_map: dict, classes: Sequence[int] | None):
-        """Union keys of every member; returns (sorted keys, union ids, class names)."""
-        datasets = [m.get("dataset") for m in self.metas]
-        mixed = self.allow_mixed and len(set(datasets)) > 1
-        self.member_keys = []
-        names_of: dict = {}
-        named: dict = {}  # union key -> (member, class name) from members that name their classes
-        key_of: dict = {}  # class name -> (member, union key)
-        for name, meta, dataset in zip(self.names, self.metas, datasets):
-            own = [int(c) for c in meta["classes"]]
-            labels = [str(c) for c in meta.get("class_names") or own]
-            if len(labels) != len(own):
-                raise EnsembleError(f"member {name!r}: {len(own)} classes but {len(labels)} class_names")
-            if name in class_map:
-                keys = [int(c) for c in class_map[name]]
-                if len(keys) != len(own):
-                    raise EnsembleError(f"member {name!r}: class_map gives {len(keys)} union ids for its "
-                                        f"{len(own)} classes")
-            elif mixed:
-                keys = [(dataset, c) for c in own]
-                labels = [f"{dataset}:{n}" for n in labels]
-            else:
-                keys = own
-            if len(set(keys)) != len(keys):
-                raise EnsembleError(f"member {name!r}: a class appears twice in {keys}")
-            self.member_keys.append(keys)
-            for k, label in zip(keys, labels):
-                names_of.setdefault(k, label)
-            if meta.get("class_names") and name not in class_map:  # a class_map says which classes are one
-                self._check_names(name, keys, labels, named, key_of)
-        if mixed:
-            order = []
-            for keys in self.member_keys:
-                order += [k for k in keys if k not in order]
-            return order, list(range(len(order))), [names_of[k] for k in order]
-        union = sorted(names_of)
-        if classes is not None:
-            allowed = sorted({int(c) for c in classes})
-            for name, keys in zip(self.names, self.member_keys):
-                outside = [k for k in keys if k not in set(allowed)]
-                if outside:
-                    raise EnsembleError(f"member {name!r}: classes {outside} do not fit the union label space "
-                                        f"{allowed}")
-            union = allowed
-        return union, list(union), [names_of.get(k, str(k)) for k in union]
-
-    @staticmethod
-    def _check_names(name: str, keys: list, labels: list[str], named: dict, key_of: dict) -> None:
-        """Refuse two members that give one class two names, or one name to two classes."""
-        for k, label in zip(keys, labels):
-            (other, other_label), (other2, other_key) = named.setdefault(k, (name, label)), key_of.setdefault(label, (name, k))
-            clash = (f"class {k} is {other_label!r} for member {other!r} but {label!r}" if other_label != label else
-                     f"{label!r} is class {other_key} for member {other2!r} but class {k}" if other_key != k else None)
-            if clash:
-                raise EnsembleError(f"class names clash: {clash} for member {name!r}; give class_map={{member: [union "
-                                    "ids]}} to say which classes are the same")
 
     # -- label space --------------------------------------------------------------------------
     def __len__(self) -> int:
