@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dfkd.core.taps import FeatureTap, head_path
+from dfkd.multi.batched import StackedMembers, hooks_active, stack_groups
 from dfkd.multi.combine import Combiner, create_combiner, resolve_combine
 from dfkd.multi.labels import EnsembleError, union_label_space
 from dfkd.multi.placement import place
@@ -135,6 +136,9 @@ class TeacherEnsemble(nn.Module):
 
     head_path = "penultimate"
     block_paths: tuple[str, ...] = ()
+    #: members of one architecture in one pass where no hook watches them (:mod:`dfkd.multi.batched`):
+    #: True, False, or None (on CUDA only: on CPU one stacked pass measured slower than separate ones)
+    batch_members: bool | None = None
 
     def __init__(
         self,
@@ -189,6 +193,7 @@ class TeacherEnsemble(nn.Module):
         self.combiner.eval()
         self.penultimate = nn.Identity()
         self.member_devices: list[torch.device] | None = None  # place_members
+        self._groups: list | None = None  # (member indices, StackedMembers or None), built at the first pass
 
     # -- construction -----------------------------------------------------------------------
     @classmethod
@@ -254,6 +259,7 @@ class TeacherEnsemble(nn.Module):
         so that callers' tensors stay on their device (:mod:`dfkd.multi.placement`)."""
         self.member_devices = [torch.device(d) for d in devices] if devices else None
         self._bridges = place(self.members, self.member_devices or [], getattr(self, "_bridges", None))
+        self._groups = None
 
     def placed_devices(self) -> list[torch.device]:
         """Each member's device."""
@@ -262,6 +268,7 @@ class TeacherEnsemble(nn.Module):
     def _apply(self, fn, *args, **kwargs):
         """``.to()``, ``.float()`` ...; placed members go back to their own devices."""
         result = super()._apply(fn, *args, **kwargs)
+        self._groups = None
         devices = getattr(self, "member_devices", None)
         for i, member in enumerate(self.members if devices else ()):
             member.to(devices[i % len(devices)])
@@ -331,6 +338,29 @@ class TeacherEnsemble(nn.Module):
                                 f"meta lists {self.index(i).numel()} classes")
         return logits.float(), features
 
+    def _member_groups(self) -> list:
+        if self._groups is None:
+            groups = stack_groups(self.members, self.member_shapes, self.member_heads)
+            self._groups = [(g, StackedMembers([self.members[i] for i in g], self.member_heads[g[0]]) if len(g) > 1 else None)
+                            for g in groups]
+        return self._groups
+
+    def _batched(self, group: list[int]) -> bool:
+        if self.batch_members is None:
+            return self.placed_devices()[group[0]].type == "cuda"
+        return bool(self.batch_members)
+
+    def _group_forward(self, group: list[int], stacked: StackedMembers, x: torch.Tensor):
+        """Members ``group`` (one architecture) in one pass: their logits and features, on ``x``'s device."""
+        first = group[0]
+        x_in = adapt_input(x, self.member_shapes[first]) if self.member_shapes[first] != tuple(x.shape[1:]) else x
+        logits, features = stacked(x_in.to(self.placed_devices()[first]))
+        for i, z in zip(group, logits):
+            if z.dim() != 2 or z.shape[1] != self.index(i).numel():
+                raise EnsembleError(f"member {self.names[i]!r} returned logits of shape {tuple(z.shape)} but its "
+                                    f"meta lists {self.index(i).numel()} classes")
+        return logits.float().to(x.device), features.float().to(x.device)
+
     def member_logits(self, i: int, x: torch.Tensor) -> torch.Tensor:
         """Member ``i``'s logits over its own classes ``(B, k_i)`` (float); no features tapped."""
         return self._member_forward(i, x, tap=False)[0]
@@ -338,11 +368,16 @@ class TeacherEnsemble(nn.Module):
     def forward_all(self, x: torch.Tensor, combiner: Combiner | None = None) -> EnsembleOutput:
         """Every member's logits and features, and the merged logits (``combiner`` or the
         ensemble's own)."""
-        logits, features = [], {}
-        for i, name in enumerate(self.names):
-            z, f = self._member_forward(i, x)
-            logits.append(z)
-            features[name] = f
+        logits, feats = [None] * len(self), [None] * len(self)
+        for group, stacked in self._member_groups():
+            if stacked is not None and self._batched(group) and not any(hooks_active(self.members[i]) for i in group):
+                z, f = self._group_forward(group, stacked, x)
+                for j, i in enumerate(group):
+                    logits[i], feats[i] = z[j], f[j]
+                continue
+            for i in group:
+                logits[i], feats[i] = self._member_forward(i, x)
+        features = dict(zip(self.names, feats))
         self.penultimate(torch.cat(list(features.values()), dim=1))
         union = torch.stack([self.place(z, i) for i, z in enumerate(logits)])
         merged = (combiner or self.combiner)(union, self.mask)
