@@ -16,8 +16,8 @@ ensembles and amalgamation), :mod:`dfkd.engine` (the distillation loop),
 
 __version__ = "0.1.0"
 
-_API = ("AmalgamateConfig", "DistillConfig", "RunError", "RunResult", "TeacherConfig", "TeacherResult",
-        "amalgamate", "distill", "train_teacher")
+_API = ("AmalgamateConfig", "BornAgainResult", "DistillConfig", "RunError", "RunResult", "TeacherConfig",
+        "TeacherResult", "amalgamate", "born_again", "distill", "train_teacher")
 __all__ = list(_API)
 
 

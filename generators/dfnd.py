@@ -35,6 +35,10 @@ CIFAR-100's 0.7774: give your teacher's test accuracy). Student: SGD lr 0.1, mom
 weight decay 5e-4, divided by 10 at 40% and 80% of the run (the engine's ``step`` schedule
 divides at 50% and 75%, and its SGD uses Nesterov momentum); ``512 * 40000 / k`` epochs of the
 ``k`` kept images, i.e. about 80,000 steps of 256 whatever ``k``.
+
+Under ``torchrun`` every rank keeps the same images, and each epoch over them is split by
+:class:`torch.utils.data.distributed.DistributedSampler` (:class:`dfkd.data.sampling.ShareBatches`),
+so the ranks learn from disjoint shares; the position in the epoch is saved with the state.
 """
 from __future__ import annotations
 
@@ -42,6 +46,8 @@ import torch
 import torch.nn.functional as F
 
 from dfkd.core.losses import kd_loss
+from dfkd.data.sampling import ShareBatches, resolve_share
+from dfkd.data.types import DatasetError
 from generators.base import Synthesizer, SynthesizerOptionError, SyntheticBatch, augment_batch, register_synthesizer
 
 
@@ -122,7 +128,9 @@ class DFND(Synthesizer):
         "schedule": "step",
     }
 
-    def __init__(self, teacher, image_shape, num_classes, device="cpu", seed=0, images=None, **options):
+    def __init__(self, teacher, image_shape, num_classes, device="cpu", seed=0, images=None, ranks=None, **options):
+        """``ranks``: ``(rank, world_size)`` to draw this rank's share of the kept images without a
+        process group (default: the initialised process group's, if any)."""
         super().__init__(teacher, image_shape, num_classes, device, seed, **options)
         if images is None:
             raise SynthesizerOptionError("method 'dfnd' needs the wild images: create_synthesizer('dfnd', ..., images=X)")
@@ -143,6 +151,11 @@ class DFND(Synthesizer):
         self.pool: torch.Tensor | None = None  # the kept images, when the wild set is a tensor
         self._order, self._cursor = None, 0
         self._terms: dict[str, torch.Tensor] = {}
+        try:  # under torchrun: (rank, world_size, shared seed) of the passes over the kept images
+            self._ranks = resolve_share(ranks, seed, self.device)
+        except DatasetError as err:
+            raise SynthesizerOptionError(f"method 'dfnd': {err}") from None
+        self.share: ShareBatches | None = None
 
     def _checked_tensor(self, images) -> torch.Tensor:
         images = torch.as_tensor(images)
@@ -183,6 +196,9 @@ class DFND(Synthesizer):
         self.selected, self.selected_per_class = indices.long(), [int(c) for c in per_class]
         if not self.streamed:
             self.pool = self.images[self.selected].to(self.device)
+        if self._ranks is not None:
+            rank, world_size, seed = self._ranks
+            self.share = ShareBatches(self.selected.numel(), self.batch_size, num_replicas=world_size, rank=rank, seed=seed)
         self._terms = {"selected": torch.tensor(float(indices.numel()), device=self.device)}
 
     # -- the interface ---------------------------------------------------------------------
@@ -192,7 +208,10 @@ class DFND(Synthesizer):
         return dict(self._terms)
 
     def _next_indices(self) -> torch.Tensor:
-        """Positions in the kept set for one batch: shuffled epochs (a new order when one ends)."""
+        """Positions in the kept set for one batch: shuffled epochs (a new order when one ends);
+        under torchrun this rank's share of each epoch (:class:`dfkd.data.sampling.ShareBatches`)."""
+        if self.share is not None:
+            return torch.tensor(self.share.next_batch(), dtype=torch.long)
         n, parts, need = self.selected.numel(), [], self.batch_size
         while need > 0:
             if self._order is None or self._cursor >= n:
@@ -243,7 +262,7 @@ class DFND(Synthesizer):
         state = super().state_dict()
         state.update(noise=self.noise.detach().cpu().clone(), noise_optimizer=self.noise_optimizer.state_dict(),
                      selected=self.selected, selected_per_class=self.selected_per_class, order=self._order,
-                     cursor=self._cursor)
+                     cursor=self._cursor, share=None if self.share is None else self.share.state_dict())
         return state
 
     def load_state_dict(self, state: dict) -> None:
@@ -254,6 +273,8 @@ class DFND(Synthesizer):
         if state.get("selected") is not None:
             self._set_selection(state["selected"], state["selected_per_class"])
         self._order, self._cursor = state.get("order"), int(state.get("cursor", 0))
+        if self.share is not None and state.get("share") is not None:
+            self.share.load_state_dict(state["share"])
 
     def describe(self) -> dict:
         info = super().describe()

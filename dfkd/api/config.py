@@ -141,7 +141,8 @@ class RunConfig(_Layered):
               "log_every": _NOT_NEGATIVE, "checkpoint_every": _NOT_NEGATIVE, "checkpoint_seconds": _NOT_NEGATIVE,
               "student_ema": _FRACTION, "samples": _AT_LEAST_1, "student_lr": _POSITIVE,
               "student_weight_decay": _NOT_NEGATIVE, "student_momentum": _FRACTION, "student_grad_clip": _NOT_NEGATIVE,
-              "feature_weight": _NOT_NEGATIVE, "real_limit": _NOT_NEGATIVE}
+              "feature_weight": _NOT_NEGATIVE, "real_limit": _NOT_NEGATIVE, "peers": _AT_LEAST_1,
+              "peer_weight": _NOT_NEGATIVE}
 
     method: str = "dafl"
     student: str = "lenet5_half"
@@ -172,12 +173,19 @@ class RunConfig(_Layered):
     transfer_set: Any = None  # images for real / dfnd: a folder of images or shards (streamed), or a data set's name
     bn_priors: list = field(default_factory=list)
     knowledge: list = field(default_factory=list)  # forms of knowledge added to the student's loss (dfkd.knowledge.terms)
+    # deep mutual learning (dfkd.knowledge.peers): the student and peers - 1 peers learn from each other
+    peers: int = 1  # the cohort's size; 1: off
+    peer_arch: Any = None  # None: the student's architecture
+    peer_weight: float = 1.0  # the weight of each network's mutual term (the paper's: 1)
     options: dict = field(default_factory=dict)
 
     def validate(self):
         super().validate()
         check_precision(self.precision)
         parse_knowledge(self.knowledge)
+        if self.peer_arch and self.peers < 2:
+            raise ConfigError(f"peer_arch {self.peer_arch!r} is the architecture of peers: give peers >= 2 "
+                              "(the cohort's size, the student included) or drop peer_arch")
         if self.transfer_set and not synthesizer_class(self.method).takes_images:
             users = ", ".join(n for n in list_synthesizers() if synthesizer_class(n).takes_images)
             raise ConfigError(f"a transfer set is read by the methods that learn from given images ({users}), "

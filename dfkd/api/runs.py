@@ -39,6 +39,7 @@ from dfkd.engine.evaluation import EvalData
 from dfkd.engine.optim import StudentOptim
 from dfkd.engine.run import DistillationRun, RunInterrupted, RunOptions
 from dfkd.engine.rundir import RunLock, clear_run_files, remove_stale_temps, run_status
+from dfkd.knowledge.peers import PeerCohort
 from dfkd.knowledge.terms import KnowledgeTerms
 from dfkd.reporting.analysis import analyze_run
 from dfkd.reporting.report import write_report
@@ -259,6 +260,9 @@ def _execute(cfg, out, options, resolved, world, device, teacher, meta, *, resum
         seed=rank_seed(cfg["seed"], world), precision=cfg["precision"], **({"bn_priors": bn_priors} if bn_priors else {}), **options)
     if cfg["knowledge"]:  # forms of knowledge on top of the method's student loss
         synth = KnowledgeTerms(synth, cfg["knowledge"])
+    if cfg["peers"] > 1:  # deep mutual learning with peers - 1 peers
+        synth = PeerCohort(synth, cfg["peers"] - 1, cfg["peer_arch"] or cfg["student"], meta["mean"], meta["std"],
+                           weight=cfg["peer_weight"], seed=cfg["seed"], channels_last=cfg["channels_last"])
     cfg["options"] = {**synth.options, **{key: resolved[key] for key in per_rank}}  # resolved, global batch sizes
     student_optim = StudentOptim.resolve(synth.student_recipe, cfg)
     cfg.update(student_optim.as_config())  # resolved: the student's optimiser as run
@@ -311,6 +315,8 @@ def _execute(cfg, out, options, resolved, world, device, teacher, meta, *, resum
         if not world.is_main:  # rank 0 analyses, writes and reports
             return RunResult(out, summary)
         summary.update(analyze(out, teacher, student, synth, eval_data, meta, device, cfg["samples"]))
+        if isinstance(synth, PeerCohort) and eval_data is not None:
+            summary.update(synth.report(eval_data.images, eval_data.labels, device, student))
         if summary_extras is not None:
             summary.update(summary_extras(student, device))
         write_json(out / rundir.SUMMARY, json_safe(summary))

@@ -1,6 +1,6 @@
 """The ``dfkd`` command line, a thin layer over the Python API (:mod:`dfkd.api`).
 
-``dfkd train-teacher | distill | amalgamate | synthesize | evaluate | plot | zoo | import-weights | demo``.
+``dfkd train-teacher | distill | born-again | amalgamate | synthesize | evaluate | plot | zoo | import-weights | demo``.
 Every subcommand's ``--help`` lists its options with their defaults. Commands that run
 jobs accept ``--config FILE.yaml`` and trailing ``key=value`` overrides. Each subcommand
 lives in its own module with an ``add_parser`` (or ``add_parsers``) and a ``run(args)``.
@@ -16,7 +16,7 @@ import argparse
 import os
 import sys
 
-from dfkd.cli import amalgamate, demo, distill, plot, synthesize, teacher, zoo
+from dfkd.cli import amalgamate, born_again, demo, distill, plot, synthesize, teacher, zoo
 from dfkd.cli.common import CLIError
 from dfkd.engine.distributed import launched_by_torchrun
 from dfkd.engine.run import DistillationError, RunInterrupted
@@ -28,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     teacher.add_parsers(sub)
     distill.add_parser(sub)
+    born_again.add_parser(sub)
     amalgamate.add_parser(sub)
     synthesize.add_parser(sub)
     zoo.add_parser(sub)

@@ -16,13 +16,22 @@ from dfkd.cli.common import (
 
 def add_parser(sub) -> None:
     p = sub.add_parser("distill", help="data-free distillation of a teacher into a student", formatter_class=formatter)
+    add_distill_arguments(p)
+    add_common(p)
+    p.set_defaults(func=run)
+
+
+def add_distill_arguments(p) -> None:
+    """The flags of a distillation from one teacher (``distill``, ``born-again``)."""
     p.add_argument("--teacher", help="teacher checkpoint (.pt)")
     p.add_argument("--method", help="dafl, deepinversion, zskt, dfad, fast, ... (default dafl)")
     p.add_argument("--student", help="student architecture (default lenet5_half)")
     p.add_argument("--eval-dataset", help="data set for evaluation (default: the teacher's)")
+    p.add_argument("--peers", type=int, help="deep mutual learning: a cohort of K networks, the student and K-1 peers "
+                                             "that learn from each other (default 1: off)")
+    p.add_argument("--peer-arch", help="the peers' architecture (default: the student's)")
+    p.add_argument("--peer-weight", type=float, help="weight of each network's mutual term (default 1.0)")
     add_run_arguments(p)
-    add_common(p)
-    p.set_defaults(func=run)
 
 
 def config_from_args(args) -> DistillConfig:
@@ -38,4 +47,12 @@ def run(args) -> int:
         result = distill(config_from_args(args), overwrite=args.overwrite, progress=not args.quiet,
                          command=command_line(), say=sayer(args))
     print_summary(result.summary, result.run_dir)
+    print_peers(result.summary)
     return 0
+
+
+def print_peers(summary: dict) -> None:
+    """The peers' accuracies of a deep-mutual-learning run (``summary.json``'s ``peers``)."""
+    if summary.get("peers"):
+        listed = ", ".join(f"{row['name']} {100 * row['accuracy']:.2f}%" for row in summary["peers"])
+        print(f"peers: {listed}; cohort (mean probability) {100 * summary['cohort_accuracy']:.2f}%")

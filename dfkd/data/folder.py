@@ -8,6 +8,11 @@ teacher's channels and resized to its image size, so memory stays flat however l
 folder is. Whatever made the images does not matter: ``dfkd synthesize``'s shards, another
 tool's PNG export, or unlabeled photos from another domain.
 
+Image files are read by torchvision's image-folder loader (``torchvision.datasets.folder.pil_loader``,
+what ``ImageFolder`` reads with: RGB through Pillow; a grey teacher gets its luma). ``ImageFolder``
+itself does not fit: it wants one sub-folder per class and knows no shards. A folder is indexed
+from the image headers, without decoding the pixels.
+
 Checked when the folder is indexed, each with a one-line :class:`TransferSetError` naming the
 file: a folder with no images, a file that cannot be read as an image, images of different
 sizes, shards that are not ``N x C x H x W`` uint8.
@@ -110,11 +115,14 @@ class ImageFolderSet(torch.utils.data.Dataset):
                 handle.seek(offset + row * size)
                 data = handle.read(size)
             return torch.frombuffer(bytearray(data), dtype=torch.uint8).view(*shape[1:])
-        from PIL import Image
+        from PIL import UnidentifiedImageError
+        from torchvision.datasets.folder import pil_loader
 
-        with Image.open(path) as image:
-            image = image.convert("L" if self.image_shape[0] == 1 else "RGB")
-            array = np.asarray(image, dtype=np.uint8)
+        try:
+            image = pil_loader(str(path))  # RGB
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+            raise TransferSetError(f"{path}: not a readable image; remove it from the transfer set or replace it") from None
+        array = np.asarray(image.convert("L") if self.image_shape[0] == 1 else image, dtype=np.uint8)
         array = array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
         return torch.from_numpy(array.copy())
 

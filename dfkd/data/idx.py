@@ -1,13 +1,23 @@
-"""MNIST and Fashion-MNIST from their IDX files."""
+"""MNIST and Fashion-MNIST from their IDX files, read by torchvision.
+
+torchvision's ``read_sn3_pascalvincent_tensor`` (what ``torchvision.datasets.MNIST`` reads its
+raw files with) parses the files; a ``.gz`` file (Debian's ``dataset-fashion-mnist`` installs
+them so) is first gunzipped into a temporary folder with torchvision's ``extract_archive``.
+What is checked here is only what torchvision leaves to assertions: the magic number and that
+the payload has the size the header announces, so a bad file is a :class:`DatasetError` that
+names it.
+"""
 
 from __future__ import annotations
 
 import gzip
 import os
+import tempfile
 import zlib
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from dfkd.data.loading import download_failed, download_root, not_found, search_roots
 from dfkd.data.registry import DatasetSpec, register_dataset
@@ -20,45 +30,67 @@ DEBIAN_FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 # IDX (MNIST / Fashion-MNIST)
 # ---------------------------------------------------------------------------------------------
 
-_IDX_DTYPES = {0x08: np.dtype(">u1"), 0x09: np.dtype(">i1"), 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"),
-               0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
+#: Bytes per value of each IDX type code (the codes torchvision reads).
+_IDX_ITEMSIZE = {0x08: 1, 0x09: 1, 0x0B: 2, 0x0C: 4, 0x0D: 4, 0x0E: 8}
+_MAX_DIMS = 3  # torchvision reads IDX files of 1 to 3 dimensions
 
 
-def _read_bytes(path: Path) -> bytes:
-    """File contents, gunzipped when the name ends in ``.gz``."""
-    try:
-        data = path.read_bytes()
+def _check_idx(plain: Path, name: Path) -> None:
+    """The header of the uncompressed IDX file ``plain`` (reported as ``name``) and its size."""
+    with open(plain, "rb") as handle:
+        head = handle.read(4 + 4 * _MAX_DIMS)
+    if len(head) < 4 or head[0] != 0 or head[1] != 0 or head[2] not in _IDX_ITEMSIZE or head[3] == 0:
+        raise DatasetError(f"{name} is not an IDX file (bad magic number {head[:4].hex() or 'empty'}); fetch it again")
+    ndim, header = head[3], 4 + 4 * head[3]
+    if ndim > _MAX_DIMS:
+        raise DatasetError(f"{name}: an IDX file of {ndim} dimensions; MNIST-layout files have 1 to {_MAX_DIMS}")
+    if len(head) < header:
+        raise DatasetError(f"{name} is truncated (header cut short); fetch it again")
+    dims = tuple(int(d) for d in np.frombuffer(head, dtype=">u4", count=ndim, offset=4))
+    expected = int(np.prod(dims, dtype=np.int64)) * _IDX_ITEMSIZE[head[2]]
+    held = plain.stat().st_size - header
+    if held != expected:
+        raise DatasetError(
+            f"{name} is truncated or corrupt: header announces shape {dims} ({expected} bytes of data), "
+            f"file holds {held}; fetch it again"
+        )
+
+
+def _read_idx_tensor(path: Path, reader=None) -> torch.Tensor:
+    """``path`` (plain or ``.gz``) read by torchvision: ``reader`` (``read_image_file`` or
+    ``read_label_file``), or the format's own reader when ``None``."""
+    from torchvision.datasets import mnist
+    from torchvision.datasets.utils import extract_archive
+
+    read = reader or (lambda file: mnist.read_sn3_pascalvincent_tensor(file, strict=False))
+    with tempfile.TemporaryDirectory(prefix="dfkd-idx-") as tmp:
+        plain = path
         if path.suffix == ".gz":
-            data = gzip.decompress(data)
-    except (OSError, EOFError, zlib.error) as err:
-        raise DatasetError(f"cannot read {path}: {err}; the file is corrupt or truncated, fetch it again") from None
-    return data
+            try:
+                plain = Path(extract_archive(str(path), tmp))
+            except (gzip.BadGzipFile, EOFError, zlib.error) as err:
+                raise DatasetError(f"cannot read {path}: {err}; the file is corrupt or truncated, fetch it again") from None
+            except OSError as err:  # reading it, or writing the temporary copy
+                raise DatasetError(f"cannot unpack {path} into {tmp} ({err}); free space there or set TMPDIR, "
+                                   "or unpack it yourself (gunzip) and pass its folder as --data-root") from None
+        try:
+            _check_idx(plain, path)
+            return read(str(plain))
+        except OSError as err:
+            raise DatasetError(f"cannot read {path}: {err}; fetch it again") from None
+        except (TypeError, ValueError, RuntimeError) as err:  # torchvision: wrong type or number of dimensions
+            raise DatasetError(f"{path}: {err}; it is not the IDX file its name says, fetch it again") from None
 
 
 def read_idx(path: str | os.PathLike) -> np.ndarray:
-    """Read an IDX file (the MNIST format), plain or gzipped, into a native-endian numpy array.
+    """Read an IDX file (the MNIST format), plain or gzipped, into a native-endian numpy array
+    (parsed by torchvision's reader; see the module docstring).
 
-    Checks the magic number (two zero bytes, a known type code, the number of dimensions) and
-    that the payload has exactly the announced size; anything else raises
-    :class:`DatasetError` naming the file.
+    Checks the magic number (two zero bytes, a known type code, 1 to 3 dimensions) and that
+    the payload has exactly the announced size; anything else raises :class:`DatasetError`
+    naming the file.
     """
-    path = Path(path)
-    data = _read_bytes(path)
-    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _IDX_DTYPES or data[3] == 0:
-        raise DatasetError(f"{path} is not an IDX file (bad magic number {data[:4].hex() or 'empty'}); fetch it again")
-    dtype, ndim = _IDX_DTYPES[data[2]], data[3]
-    header = 4 + 4 * ndim
-    if len(data) < header:
-        raise DatasetError(f"{path} is truncated (header cut short); fetch it again")
-    dims = tuple(int(d) for d in np.frombuffer(data, dtype=">u4", count=ndim, offset=4))
-    expected = int(np.prod(dims, dtype=np.int64)) * dtype.itemsize
-    if len(data) - header != expected:
-        raise DatasetError(
-            f"{path} is truncated or corrupt: header announces shape {dims} ({expected} bytes of data), "
-            f"file holds {len(data) - header}; fetch it again"
-        )
-    arr = np.frombuffer(data, dtype=dtype, offset=header).reshape(dims)
-    return arr.astype(dtype.newbyteorder("="), copy=False) if dtype.itemsize > 1 else arr
+    return _read_idx_tensor(Path(path)).numpy()
 
 
 _IDX_FILES = {
@@ -116,13 +148,15 @@ class _IdxSpec(DatasetSpec):
         if found is None:
             raise not_found(self.name, dirs, self.layout, self.install_hint)
         img_path, lbl_path = found
-        images, labels = read_idx(img_path), read_idx(lbl_path)
-        if images.ndim != 3 or labels.ndim != 1 or images.shape[0] != labels.shape[0]:
+        from torchvision.datasets.mnist import read_image_file, read_label_file
+
+        images, labels = _read_idx_tensor(img_path, read_image_file), _read_idx_tensor(lbl_path, read_label_file)
+        if images.shape[0] != labels.shape[0]:
             raise DatasetError(
-                f"{img_path} / {lbl_path}: expected N x H x W images and N labels, got {images.shape} and "
-                f"{labels.shape}; the files do not belong together, fetch them again"
+                f"{img_path} / {lbl_path}: expected N x H x W images and N labels, got {tuple(images.shape)} and "
+                f"{tuple(labels.shape)}; the files do not belong together, fetch them again"
             )
-        return RawSplit(images[:, None], labels.astype(np.int64), source=str(img_path.parent))
+        return RawSplit(images[:, None], labels.numpy(), source=str(img_path.parent))
 
 
 @register_dataset("mnist")

@@ -8,13 +8,10 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from dfkd.data.registry import get_spec, make_info, resolve_classes, resolve_size
+from dfkd.data.stream import LabeledImages
 from dfkd.data.types import ArrayDataset, DatasetError
-
-#: Number of images converted/resized at once (bounds the temporary memory).
-_RESIZE_CHUNK = 4096
 
 SPLITS = ("train", "test")
 
@@ -30,23 +27,55 @@ def default_data_root() -> Path:
     return Path(env).expanduser() if env else Path("~/.cache/dfkd/data").expanduser()
 
 
-def _to_float_images(images: np.ndarray, size: int) -> torch.Tensor:
-    """uint8 (or float in [0,1]) N x C x H x W numpy -> float32 torch in [0,1], resized to
-    ``size`` x ``size`` with antialiased bilinear interpolation, chunk by chunk."""
-    n, c, h, w = images.shape
-    is_uint8 = images.dtype == np.uint8
-    out = torch.empty((n, c, size, size), dtype=torch.float32)
-    for start in range(0, n, _RESIZE_CHUNK):
-        part = images[start : start + _RESIZE_CHUNK]
-        if not (part.flags.writeable and part.flags.c_contiguous and part.dtype.isnative):
-            part = np.array(part, dtype=part.dtype.newbyteorder("="), order="C")  # torch needs writable memory
-        chunk = torch.from_numpy(part).to(torch.float32)
-        if is_uint8:
-            chunk.div_(255.0)
-        if (h, w) != (size, size):
-            chunk = F.interpolate(chunk, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-        out[start : start + chunk.shape[0]] = chunk.clamp_(0.0, 1.0)
-    return out
+def _as_tensor(images) -> torch.Tensor:
+    """A reader's ``N x C x H x W`` pixels (numpy or torch) as a CPU tensor, without copying
+    what torch can use as it is."""
+    if isinstance(images, torch.Tensor):
+        return images
+    if not (images.flags.writeable and images.dtype.isnative):
+        images = np.array(images, dtype=images.dtype.newbyteorder("="))  # torch needs writable native memory
+    return torch.from_numpy(images)
+
+
+def open_dataset(
+    name: str,
+    split: str = "train",
+    root: str | os.PathLike | None = None,
+    download: bool = False,
+    classes: Any = None,
+    image_size: int | None = None,
+) -> LabeledImages:
+    """Open one split of a registered data set: its stored pixels (uint8 at the native size),
+    converted to float and resized an item or a batch at a time (:class:`LabeledImages`, a
+    torch data set with :meth:`~LabeledImages.loader`). Arguments as :func:`load_dataset`."""
+    spec = get_spec(name)
+    if split not in SPLITS:
+        raise DatasetError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
+    ids = resolve_classes(spec, classes)
+    size = resolve_size(spec, image_size)
+    root_path = Path(root).expanduser() if root is not None else None
+    raw = spec.load_raw(split, root_path, bool(download))
+
+    pixels, labels = _as_tensor(raw.images), np.asarray(raw.labels, dtype=np.int64).reshape(-1)
+    if pixels.dim() != 4 or pixels.shape[0] != labels.shape[0] or pixels.shape[1] != spec.channels:
+        raise DatasetError(
+            f"{spec.name} ({raw.source}): expected images N x {spec.channels} x H x W with one label each, "
+            f"got images {tuple(pixels.shape)} and {labels.shape[0]} labels; the files may be corrupt"
+        )
+    if labels.size and (labels.min() < 0 or labels.max() >= spec.num_classes):
+        raise DatasetError(
+            f"{spec.name} ({raw.source}): labels outside 0..{spec.num_classes - 1} "
+            f"(found {int(labels.min())}..{int(labels.max())}); the files may be corrupt"
+        )
+    if ids != list(range(spec.num_classes)):
+        keep = np.isin(labels, ids)
+        lut = np.full(spec.num_classes, -1, dtype=np.int64)
+        lut[ids] = np.arange(len(ids))
+        pixels, labels = pixels[torch.from_numpy(keep)], lut[labels[keep]]
+
+    y = torch.from_numpy(np.ascontiguousarray(labels, dtype=np.int64))
+    info = make_info(spec, ids, size, split, raw.source, spec.class_names_from(raw), raw.split_seed)
+    return LabeledImages(pixels, y, info)
 
 
 def load_dataset(
@@ -57,7 +86,8 @@ def load_dataset(
     classes: Any = None,
     image_size: int | None = None,
 ) -> ArrayDataset:
-    """Load one split of a registered data set into memory.
+    """Load one split of a registered data set into memory as float tensors
+    (:func:`open_dataset` reads it without converting it all at once).
 
     Args:
         name: registered name (see :func:`list_datasets`).
@@ -74,35 +104,7 @@ def load_dataset(
     Raises:
         DatasetError: unknown name/split, bad classes or size, missing or corrupt files.
     """
-    spec = get_spec(name)
-    if split not in SPLITS:
-        raise DatasetError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
-    ids = resolve_classes(spec, classes)
-    size = resolve_size(spec, image_size)
-    root_path = Path(root).expanduser() if root is not None else None
-    raw = spec.load_raw(split, root_path, bool(download))
-
-    images, labels = raw.images, np.asarray(raw.labels, dtype=np.int64).reshape(-1)
-    if images.ndim != 4 or images.shape[0] != labels.shape[0] or images.shape[1] != spec.channels:
-        raise DatasetError(
-            f"{spec.name} ({raw.source}): expected images N x {spec.channels} x H x W with one label each, "
-            f"got images {images.shape} and {labels.shape[0]} labels; the files may be corrupt"
-        )
-    if labels.size and (labels.min() < 0 or labels.max() >= spec.num_classes):
-        raise DatasetError(
-            f"{spec.name} ({raw.source}): labels outside 0..{spec.num_classes - 1} "
-            f"(found {int(labels.min())}..{int(labels.max())}); the files may be corrupt"
-        )
-    if ids != list(range(spec.num_classes)):
-        keep = np.isin(labels, ids)
-        lut = np.full(spec.num_classes, -1, dtype=np.int64)
-        lut[ids] = np.arange(len(ids))
-        images, labels = images[keep], lut[labels[keep]]
-
-    x = _to_float_images(images, size)
-    y = torch.from_numpy(np.ascontiguousarray(labels, dtype=np.int64))
-    info = make_info(spec, ids, size, split, raw.source, spec.class_names_from(raw), raw.split_seed)
-    return ArrayDataset(images=x, labels=y, info=info)
+    return open_dataset(name, split, root, download, classes, image_size).to_arrays()
 
 
 def search_roots(root: Path | None) -> list[Path]:

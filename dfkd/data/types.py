@@ -127,12 +127,13 @@ class ArrayDataset:
 class RawSplit:
     """What a :class:`DatasetSpec` reader returns before subsetting/resizing.
 
-    ``images``: ``N x C x H x W`` numpy array, either uint8 (0..255) or floating in ``[0, 1]``.
+    ``images``: ``N x C x H x W`` numpy array or CPU tensor, either uint8 (0..255) or floating
+    in ``[0, 1]``.
     ``labels``: int64 numpy vector with values ``0 .. num_classes - 1`` of the full data set.
     ``source``: where the data came from (a path, or ``"sklearn"``).
     """
 
-    images: np.ndarray
+    images: np.ndarray | torch.Tensor
     labels: np.ndarray
     source: str
     split_seed: int | None = None
