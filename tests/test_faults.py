@@ -219,7 +219,7 @@ def reference(teacher, tmp_path_factory):
 # --------------------------------------------------------------------------- 1, 7: flags at 0
 _FILE = {"steps": 7, "batch_size": 8, "seed": 5, "eval_every": 3, "log_every": 4, "checkpoint_every": 2,
          "checkpoint_seconds": 60.0, "student_ema": 0.5, "samples": 16, "student_lr": 0.01,
-         "student_weight_decay": 0.001, "feature_weight": 2.0, "real_limit": 100}
+         "student_weight_decay": 0.001, "feature_weight": 2.0, "real_limit": 100, "peers": 3, "peer_weight": 0.5}
 _OPTION_FLAGS = {"temperature": 4.0, "generator_lr": 0.1, "bn_weight": 5.0, "iterations": 3}
 # flag -> whether 0 is a valid value for it
 RUN_FLAGS = {"steps": False, "batch_size": False, "seed": True, "eval_every": True, "log_every": True,
@@ -227,10 +227,11 @@ RUN_FLAGS = {"steps": False, "batch_size": False, "seed": True, "eval_every": Tr
              "student_lr": False, "student_weight_decay": True, "temperature": False, "generator_lr": False,
              "bn_weight": True, "iterations": False}
 AMALGAMATE_FLAGS = {**RUN_FLAGS, "feature_weight": True, "real_limit": True}
+DISTILL_FLAGS = {**RUN_FLAGS, "peers": False, "peer_weight": True}
 TEACHER_FLAGS = {"epochs": False, "batch_size": False, "lr": False, "weight_decay": True, "seed": True,
                  "image_size": False}
 _TEACHER_FILE = {"epochs": 3, "batch_size": 16, "lr": 0.01, "weight_decay": 0.001, "seed": 5, "image_size": 16}
-CASES = ([("distill", f, ok) for f, ok in RUN_FLAGS.items()] + [("amalgamate", f, ok) for f, ok in AMALGAMATE_FLAGS.items()]
+CASES = ([("distill", f, ok) for f, ok in DISTILL_FLAGS.items()] + [("amalgamate", f, ok) for f, ok in AMALGAMATE_FLAGS.items()]
          + [("train-teacher", f, ok) for f, ok in TEACHER_FLAGS.items()])
 
 
@@ -241,7 +242,7 @@ def _numeric_flags(command) -> set[str]:
 
 
 def test_every_numeric_flag_is_covered():
-    for command, flags in (("distill", RUN_FLAGS), ("amalgamate", AMALGAMATE_FLAGS), ("train-teacher", TEACHER_FLAGS)):
+    for command, flags in (("distill", DISTILL_FLAGS), ("amalgamate", AMALGAMATE_FLAGS), ("train-teacher", TEACHER_FLAGS)):
         assert _numeric_flags(command) == set(flags), command
 
 

@@ -15,7 +15,7 @@ import torch
 from dfkd.api.config import AmalgamateConfig
 from dfkd.api.results import RunError, RunResult
 from dfkd.api.runs import execute, resume_config
-from dfkd.data import list_datasets, load_dataset
+from dfkd.data import list_datasets, load_dataset, open_dataset
 from dfkd.engine.evaluation import match_rate, predict
 from dfkd.multi.ensemble import TeacherEnsemble, adapt_input
 from dfkd.multi.per_member import PerMemberSynthesizer, resolve_synthesis
@@ -95,20 +95,19 @@ def amalgamate(config: AmalgamateConfig | dict | None = None, *, resume: bool | 
     height = int(meta["image_shape"][1])
 
     if not cfg.no_eval:
-        test = load_dataset(dataset, "test", root=cfg.data_root, download=cfg.download, classes=meta["classes"],
-                            image_size=height)
-        meta["test_accuracy"] = _accuracy(ensemble.to(device), test.images, test.labels, device)
+        test = open_dataset(dataset, "test", root=cfg.data_root, download=cfg.download, classes=meta["classes"],
+                            image_size=height)  # read a batch at a time
+        meta["test_accuracy"] = _accuracy(ensemble.to(device), test, test.labels, device)
         say(f"ensemble of {len(ensemble)} teachers ({', '.join(ensemble.names)}), {ensemble.num_classes} classes, "
             f"combine {cfg.combine}: {100 * meta['test_accuracy']:.2f}% on {dataset} test")
 
     real_images = None
     if cfg.method == "real":
-        train = load_dataset(dataset, "train", root=cfg.data_root, download=cfg.download, classes=meta["classes"],
-                             image_size=height)
-        real_images = train.images  # labels are never used
+        real_images = open_dataset(dataset, "train", root=cfg.data_root, download=cfg.download,
+                                   classes=meta["classes"], image_size=height)  # labels are never used
         if cfg.real_limit:
             keep = torch.randperm(len(real_images), generator=torch.Generator().manual_seed(cfg.seed))[: cfg.real_limit]
-            real_images = real_images[keep]
+            real_images = torch.utils.data.Subset(real_images, keep.tolist())
 
     def make_synthesizer(name, teacher, **kwargs):
         if cfg.synthesis == "per-member":  # every member inverts itself (dfkd.multi.per_member)
@@ -127,7 +126,7 @@ def amalgamate(config: AmalgamateConfig | dict | None = None, *, resume: bool | 
         if not cfg.no_eval:
             extras["teachers"] = member_report(ensemble, student.eval(), cfg.data_root, device)
             if hasattr(ensemble.combiner, "calibration"):  # calibrated on the run's transfer images
-                extras["ensemble_accuracy_calibrated"] = _accuracy(ensemble.eval(), test.images, test.labels, device)
+                extras["ensemble_accuracy_calibrated"] = _accuracy(ensemble.eval(), test, test.labels, device)
         return extras
 
     return execute(cfg, ensemble, meta, resume=bool(resume), overwrite=overwrite, progress=progress,

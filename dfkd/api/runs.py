@@ -31,7 +31,7 @@ from torch import nn
 from dfkd.api.config import RunConfig
 from dfkd.api.preflight import check_memory
 from dfkd.api.results import RunError, RunResult
-from dfkd.data import list_datasets, load_dataset
+from dfkd.data import list_datasets, open_dataset
 from dfkd.data.folder import ImageFolderSet
 from dfkd.engine import rundir
 from dfkd.engine.distributed import broadcast_object, init_from_env, per_rank_batch, rank_seed, shutdown
@@ -52,6 +52,8 @@ log = logging.getLogger("dfkd")
 
 #: the files of a run directory (:data:`dfkd.engine.rundir.RUN_FILES`)
 RUN_FILES = rundir.RUN_FILES
+#: test images the plots and sample-quality metrics read (all of them for MNIST, Fashion-MNIST, CIFAR)
+ANALYSIS_IMAGES = 10_000
 def check_new_run_dir(out: Path, overwrite: bool) -> None:
     """Refuse a new run into a directory that holds one (finished or not) unless ``overwrite``,
     which deletes that run's files (:data:`dfkd.engine.rundir.OWNED_FILES`). Hold the lock."""
@@ -146,11 +148,11 @@ def transfer_images(cfg: dict, meta: dict):
     if Path(source).is_dir() or source not in list_datasets():
         return ImageFolderSet(source, meta["image_shape"])  # a missing folder gets its own error
     channels, height, _ = meta["image_shape"]
-    train = load_dataset(source, "train", root=cfg["data_root"], download=cfg["download"], image_size=height)
-    if train.images.shape[1] != channels:
-        raise RunError(f"--transfer-set {source}: its images have {train.images.shape[1]} channel(s), the teacher "
+    train = open_dataset(source, "train", root=cfg["data_root"], download=cfg["download"], image_size=height)
+    if train.pixels.shape[1] != channels:
+        raise RunError(f"--transfer-set {source}: its images have {train.pixels.shape[1]} channel(s), the teacher "
                        f"takes {channels}")
-    return train.images
+    return train  # read a batch at a time (labels unused)
 
 
 def analyze(out: Path, teacher, student, synth, eval_data, meta, device, n_samples: int) -> dict:
@@ -158,10 +160,9 @@ def analyze(out: Path, teacher, student, synth, eval_data, meta, device, n_sampl
     disk that cannot take them does: :class:`teachers.files.FileWriteError`)."""
     samples = synth.preview(n_samples).cpu()
     torch_save(out / rundir.SAMPLES, samples)
+    real_images, real_labels = (None, None) if eval_data is None else eval_data.head(ANALYSIS_IMAGES)
     try:
-        result = analyze_run(out, teacher, student, samples,
-                             real_images=None if eval_data is None else eval_data.images,
-                             real_labels=None if eval_data is None else eval_data.labels,
+        result = analyze_run(out, teacher, student, samples, real_images=real_images, real_labels=real_labels,
                              class_names=list(meta["class_names"]), device=device)
     except OSError as exc:  # the disk, not the plot: the run cannot finish here
         remove_stale_temps(out)
@@ -249,9 +250,8 @@ def _execute(cfg, out, options, resolved, world, device, teacher, meta, *, resum
             raise RunError(f"method {cfg['method']!r} learns from given images: pass --transfer-set DIR (a folder of "
                            "images or .npy shards) or --transfer-set DATASET (a data set's training images, e.g. digits)")
         elif real_images is None:  # the upper bound: the teacher's own training images, labels unused
-            train = load_dataset(cfg["eval_dataset"] or meta["dataset"], "train", root=cfg["data_root"],
-                                 download=cfg["download"], classes=classes, image_size=height)
-            real_images = train.images
+            real_images = open_dataset(cfg["eval_dataset"] or meta["dataset"], "train", root=cfg["data_root"],
+                                       download=cfg["download"], classes=classes, image_size=height)
         options["images"] = real_images
     options.update({arg: meta.get(key) for arg, key in synthesizer_class(cfg["method"]).teacher_meta_arguments.items()})
     bn_priors, prior_records = load_bn_priors(cfg["bn_priors"], meta, device)
@@ -270,9 +270,9 @@ def _execute(cfg, out, options, resolved, world, device, teacher, meta, *, resum
     eval_data = None
     if not cfg["no_eval"]:
         dataset = cfg["eval_dataset"] or meta["dataset"]
-        test = load_dataset(dataset, "test", root=cfg["data_root"], download=cfg["download"], classes=classes,
+        test = open_dataset(dataset, "test", root=cfg["data_root"], download=cfg["download"], classes=classes,
                             image_size=height)
-        eval_data = EvalData(test.images, test.labels, dataset)
+        eval_data = EvalData.from_dataset(test, dataset)  # read a batch at a time
 
     student_meta = {k: meta[k] for k in ("dataset", "classes", "class_names", "mean", "std", "image_shape")}
     student_meta.update(seed=cfg["seed"], config=cfg, method=cfg["method"], **(record or {}))

@@ -64,21 +64,34 @@ class EvalData:
         with its ``labels``."""
         return cls(dataset, dataset.labels, name or getattr(getattr(dataset, "info", None), "name", "test"))
 
+    def head(self, limit: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first ``limit`` images (as one float tensor) and their labels: what the plots and
+        sample-quality metrics of a run read, bounded whatever the size of the test split."""
+        n = min(int(limit), len(self.labels))
+        if isinstance(self.images, torch.Tensor):
+            return self.images[:n], self.labels[:n]
+        loader = torch.utils.data.DataLoader(self.images[:n], batch_size=1000, shuffle=False, num_workers=0)
+        parts = [_images(batch) for batch in loader]
+        return (torch.cat(parts) if parts else torch.zeros(0)), self.labels[:n]
+
 
 def _images(batch) -> torch.Tensor:
     return batch[0] if isinstance(batch, (tuple, list)) else batch
 
 
-def predict(model: nn.Module, images, device, batch_size: int = 1000) -> torch.Tensor:
-    """Arg-max predictions of ``model`` on ``images``: a CPU tensor, or a map-style data set read
-    through a DataLoader ``batch_size`` images at a time; the logits come from
-    :func:`teachers.device.batched_logits`."""
+def model_logits(model: nn.Module, images, device, batch_size: int = 1000) -> torch.Tensor:
+    """``model``'s logits on ``images`` (on the CPU): a CPU tensor, or a map-style data set read
+    through a DataLoader ``batch_size`` images at a time (:func:`teachers.device.batched_logits`)."""
     if isinstance(images, torch.Tensor):
-        logits = batched_logits(model, images, device, batch_size)
-    else:
-        loader = torch.utils.data.DataLoader(images, batch_size=batch_size, shuffle=False, num_workers=0)
-        parts = [batched_logits(model, _images(batch), device, batch_size) for batch in loader]
-        logits = torch.cat(parts) if parts else torch.zeros(0, 0)
+        return batched_logits(model, images, device, batch_size)
+    loader = torch.utils.data.DataLoader(images, batch_size=batch_size, shuffle=False, num_workers=0)
+    parts = [batched_logits(model, _images(batch), device, batch_size) for batch in loader]
+    return torch.cat(parts) if parts else torch.zeros(0, 0)
+
+
+def predict(model: nn.Module, images, device, batch_size: int = 1000) -> torch.Tensor:
+    """Arg-max predictions of ``model`` on ``images`` (as :func:`model_logits` reads them)."""
+    logits = model_logits(model, images, device, batch_size)
     return logits.argmax(1) if logits.numel() else torch.empty(0, dtype=torch.long)
 
 

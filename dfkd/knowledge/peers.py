@@ -34,10 +34,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from dfkd.core.losses import kd_loss
+from dfkd.engine.evaluation import model_logits
 from generators.base import seeded
 from generators.wrapped import WrappedSynthesizer
 from teachers import build_model
-from teachers.device import batched_logits
 
 
 class PeerError(ValueError):
@@ -116,12 +116,13 @@ class PeerCohort(WrappedSynthesizer):
             losses[f"{name}_mutual"] = self.weight * mutual_loss(logits, cohort[:j] + cohort[j + 1:])
         return losses, student_logits, teacher_logits
 
-    def report(self, images: torch.Tensor, labels: torch.Tensor, device, student: nn.Module) -> dict:
-        """Each peer's accuracy on ``images`` and the cohort's (the mean of the ``K`` networks'
-        probabilities, the student's included): the ``peers`` and ``cohort_accuracy`` of ``summary.json``."""
-        rows, probs = [], [batched_logits(student, images, device).float().softmax(1)]
+    def report(self, images, labels: torch.Tensor, device, student: nn.Module) -> dict:
+        """Each peer's accuracy on ``images`` (a tensor or a data set) and the cohort's (the mean of
+        the ``K`` networks' probabilities, the student's included): the ``peers`` and
+        ``cohort_accuracy`` of ``summary.json``."""
+        rows, probs = [], [model_logits(student, images, device).float().softmax(1)]
         for name, peer in zip(self.names, self.peers):
-            logits = batched_logits(peer, images, device).float()
+            logits = model_logits(peer, images, device).float()
             probs.append(logits.softmax(1))
             rows.append({"name": name, "arch": self.arch, "accuracy": float((logits.argmax(1) == labels).float().mean())})
         cohort = torch.stack(probs).mean(0).argmax(1)
