@@ -222,16 +222,15 @@ _FILE = {"steps": 7, "batch_size": 8, "seed": 5, "eval_every": 3, "log_every": 4
          "student_weight_decay": 0.001, "feature_weight": 2.0, "real_limit": 100, "peers": 3, "peer_weight": 0.5}
 _OPTION_FLAGS = {"temperature": 4.0, "generator_lr": 0.1, "bn_weight": 5.0, "iterations": 3}
 # flag -> whether 0 is a valid value for it
-RUN_FLAGS = {"steps": False, "batch_size": False, "seed": True, "eval_every": True, "log_every": True,
+RUN_FLAGS = {"steps": False, "batch_size": False, "seed": True, "peers": False, "peer_weight": True, "eval_every": True, "log_every": True,
              "checkpoint_every": True, "checkpoint_seconds": True, "student_ema": True, "samples": False,
              "student_lr": False, "student_weight_decay": True, "temperature": False, "generator_lr": False,
              "bn_weight": True, "iterations": False}
 AMALGAMATE_FLAGS = {**RUN_FLAGS, "feature_weight": True, "real_limit": True}
-DISTILL_FLAGS = {**RUN_FLAGS, "peers": False, "peer_weight": True}
 TEACHER_FLAGS = {"epochs": False, "batch_size": False, "lr": False, "weight_decay": True, "seed": True,
                  "image_size": False}
 _TEACHER_FILE = {"epochs": 3, "batch_size": 16, "lr": 0.01, "weight_decay": 0.001, "seed": 5, "image_size": 16}
-CASES = ([("distill", f, ok) for f, ok in DISTILL_FLAGS.items()] + [("amalgamate", f, ok) for f, ok in AMALGAMATE_FLAGS.items()]
+CASES = ([("distill", f, ok) for f, ok in RUN_FLAGS.items()] + [("amalgamate", f, ok) for f, ok in AMALGAMATE_FLAGS.items()]
          + [("train-teacher", f, ok) for f, ok in TEACHER_FLAGS.items()])
 
 
@@ -242,7 +241,7 @@ def _numeric_flags(command) -> set[str]:
 
 
 def test_every_numeric_flag_is_covered():
-    for command, flags in (("distill", DISTILL_FLAGS), ("amalgamate", AMALGAMATE_FLAGS), ("train-teacher", TEACHER_FLAGS)):
+    for command, flags in (("distill", RUN_FLAGS), ("amalgamate", AMALGAMATE_FLAGS), ("train-teacher", TEACHER_FLAGS)):
         assert _numeric_flags(command) == set(flags), command
 
 
@@ -652,6 +651,22 @@ def test_resume_allows_where_and_how_often_to_save(teacher, reference, tmp_path,
     code, out_text, err = dfkd(capsys, "distill", "--resume", out, "--device", "cpu", "--checkpoint-every", "1")
     assert code == 0, err
     assert "completing" in out_text and run_status(out) == "finished"
+    assert_same_student(out, reference[1])
+
+
+def test_resume_accepts_a_run_saved_before_new_config_keys_existed(teacher, reference, tmp_path, capsys):
+    """Keys a newer package added (here peers, peer_arch, peer_weight) are missing from an older run's
+    config.yaml and state: they count as their defaults, not as edits."""
+    out = _trained_copy(reference, tmp_path)
+    new_keys = ("peers", "peer_arch", "peer_weight")
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    (out / "config.yaml").write_text(yaml.safe_dump({k: v for k, v in saved.items() if k not in new_keys}, sort_keys=False))
+    state = torch.load(out / rundir.STATE, weights_only=True)
+    state["config"] = {k: v for k, v in state["config"].items() if k not in new_keys}
+    torch.save(state, out / rundir.STATE)
+    code, out_text, err = dfkd(capsys, "distill", "--resume", out, "--quiet")
+    assert code == 0, err
+    assert run_status(out) == "finished"
     assert_same_student(out, reference[1])
 
 

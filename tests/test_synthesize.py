@@ -49,6 +49,14 @@ def test_a_run_is_written_as_shards_with_a_manifest_and_distilled_from(fast_run,
     assert result.summary["steps"] == 3
 
 
+def test_a_run_with_peers_and_knowledge_is_exported_with_its_methods_images(bn_teacher, tmp_path):
+    save_checkpoint(tmp_path / "t.pt", bn_teacher, META)
+    distill(teacher=str(tmp_path / "t.pt"), out=str(tmp_path / "run"), method="fast", steps=4, no_eval=True,
+            samples=8, device="cpu", progress=False, options=TINY, peers=2, knowledge=["rkd"])
+    manifest = synthesize(tmp_path / "run", tmp_path / "set", images=10, device="cpu")
+    assert manifest["method"] == "fast" and sum(manifest["images_per_class"].values()) == 10
+
+
 def test_what_cannot_be_exported_is_refused(fast_run, tmp_path):
     with pytest.raises(RunError, match="not a dfkd run directory"):
         synthesize(tmp_path / "nowhere", tmp_path / "x")

@@ -219,14 +219,14 @@ def execute(config: RunConfig, teacher: nn.Module, meta: dict, *, resume: bool =
         return _execute(cfg, out, options, resolved, world, device, teacher, meta, resume=resume,
                         overwrite=overwrite, progress=progress, make_synthesizer=make_synthesizer,
                         summary_extras=summary_extras, real_images=real_images, record=record, command=command,
-                        say=say)
+                        say=say, defaults=type(config).defaults())
     finally:
         if world.distributed:
             shutdown()
 
 
 def _execute(cfg, out, options, resolved, world, device, teacher, meta, *, resume, overwrite, progress,
-             make_synthesizer, summary_extras, real_images, record, command, say) -> RunResult:
+             make_synthesizer, summary_extras, real_images, record, command, say, defaults) -> RunResult:
     """:func:`execute` once the config is checked and this process knows its rank and device."""
     from generators import create_synthesizer
 
@@ -279,6 +279,7 @@ def _execute(cfg, out, options, resolved, world, device, teacher, meta, *, resum
     run_options = RunOptions(
         steps=cfg["steps"], eval_every=cfg["eval_every"], log_every=cfg["log_every"],
         checkpoint_every=cfg["checkpoint_every"], checkpoint_seconds=float(cfg["checkpoint_seconds"]), config=cfg,
+        config_defaults=defaults,
         progress=progress and world.is_main, seed=cfg["seed"], world=world, student_ema=float(cfg["student_ema"] or 0.0), student_optim=student_optim,
         extra_summary={"student": cfg["student"], "class_names": list(meta["class_names"]), "device": str(device),
                        **(record or {}), **({"command": command} if command else {}),

@@ -50,6 +50,15 @@ def _run_state(run_dir: Path) -> list[dict]:
     return [r["synthesizer"] for r in state["rank_states"]] if state.get("rank_states") else [state["synthesizer"]]
 
 
+def method_state(state: dict, cfg: dict) -> dict:
+    """The method's own synthesizer state inside the wrappers a run put around it: deep mutual
+    learning's peers (outermost) and forms of knowledge (:func:`dfkd.api.runs.execute`'s order)."""
+    for wrapped in (int(cfg.get("peers") or 1) > 1, bool(cfg.get("knowledge"))):
+        if wrapped:
+            state = state["inner"]
+    return state
+
+
 def synthesize(run_dir, out, images: int = 10_000, shard_size: int = 4096, device: str = "auto",
                overwrite: bool = False) -> dict:
     """Write ``images`` synthetic images of the run in ``run_dir`` to the folder ``out``
@@ -87,7 +96,7 @@ def synthesize(run_dir, out, images: int = 10_000, shard_size: int = 4096, devic
     squares = torch.zeros_like(sums)
     shards, share = [], -(-images // len(ranks))
     for rank, state in enumerate(ranks):
-        synth.load_state_dict(state)
+        synth.load_state_dict(method_state(state, cfg))
         left = min(share, images - rank * share)
         for k in range(math.ceil(left / shard_size)):
             with torch.no_grad():

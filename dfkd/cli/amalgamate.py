@@ -19,6 +19,7 @@ from dfkd.cli.common import (
     check_resume_alone,
     command_line,
     formatter,
+    print_peers,
     print_summary,
     run_layers,
     sayer,
@@ -93,6 +94,7 @@ def run(args) -> int:
                             command=command_line(), say=sayer(args))
     summary = result.summary
     print_summary(summary, result.run_dir)
+    print_peers(summary)
     for row in summary.get("teachers", []):
         if "accuracy" in row:
             print(f"  teacher {row['name']}: {100 * row['accuracy']:.2f}% on its {len(row['classes'])} classes; "

@@ -93,6 +93,10 @@ def add_run_arguments(p) -> None:
     p.add_argument("--steps", type=int, help="student optimisation steps (default 1000)")
     p.add_argument("--batch-size", type=int, help="images per student step (default: the method's)")
     p.add_argument("--seed", type=int, help="random seed (default 0)")
+    p.add_argument("--peers", type=int, help="deep mutual learning: a cohort of K networks, the student and K-1 peers "
+                                             "that learn from each other (default 1: off)")
+    p.add_argument("--peer-arch", help="the peers' architecture (default: the student's)")
+    p.add_argument("--peer-weight", type=float, help="weight of each network's mutual term (default 1.0)")
     p.add_argument("--device", help="auto, cpu, cuda, mps (default auto)")
     p.add_argument("--out", help="run directory")
     p.add_argument("--data-root", help="directory with the data set's files")
@@ -143,3 +147,10 @@ def print_summary(summary: dict, out) -> None:
           f"teacher {pct(summary.get('teacher_accuracy'))}, agreement {pct(summary.get('agreement'))}, "
           f"{summary['steps']} steps, {summary['wall_seconds']:.1f}s, {summary['images_synthesized']} images synthesized")
     print(f"run directory: {out}  (report: {Path(out) / 'report.md'}, samples: {Path(out) / 'samples.png'})")
+
+
+def print_peers(summary: dict) -> None:
+    """The peers' accuracies of a deep-mutual-learning run (``summary.json``'s ``peers``)."""
+    if summary.get("peers"):
+        listed = ", ".join(f"{row['name']} {100 * row['accuracy']:.2f}%" for row in summary["peers"])
+        print(f"peers: {listed}; cohort (mean probability) {100 * summary['cohort_accuracy']:.2f}%")

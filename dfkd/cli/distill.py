@@ -8,6 +8,7 @@ from dfkd.cli.common import (
     check_resume_alone,
     command_line,
     formatter,
+    print_peers,
     print_summary,
     run_layers,
     sayer,
@@ -27,10 +28,6 @@ def add_distill_arguments(p) -> None:
     p.add_argument("--method", help="dafl, deepinversion, zskt, dfad, fast, ... (default dafl)")
     p.add_argument("--student", help="student architecture (default lenet5_half)")
     p.add_argument("--eval-dataset", help="data set for evaluation (default: the teacher's)")
-    p.add_argument("--peers", type=int, help="deep mutual learning: a cohort of K networks, the student and K-1 peers "
-                                             "that learn from each other (default 1: off)")
-    p.add_argument("--peer-arch", help="the peers' architecture (default: the student's)")
-    p.add_argument("--peer-weight", type=float, help="weight of each network's mutual term (default 1.0)")
     add_run_arguments(p)
 
 
@@ -50,9 +47,3 @@ def run(args) -> int:
     print_peers(result.summary)
     return 0
 
-
-def print_peers(summary: dict) -> None:
-    """The peers' accuracies of a deep-mutual-learning run (``summary.json``'s ``peers``)."""
-    if summary.get("peers"):
-        listed = ", ".join(f"{row['name']} {100 * row['accuracy']:.2f}%" for row in summary["peers"])
-        print(f"peers: {listed}; cohort (mean probability) {100 * summary['cohort_accuracy']:.2f}%")

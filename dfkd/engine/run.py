@@ -77,6 +77,7 @@ class RunOptions:
     checkpoint_every: int = 0  # 0: by time only (in student steps, rounded to rounds)
     checkpoint_seconds: float = 300.0  # save at the first round end this long after the last save; 0: off
     config: dict | None = None  # the resolved run config, saved in state.pt and compared on resume
+    config_defaults: dict | None = None  # values of keys a saved config lacks (written before they existed)
     progress: bool = True
     seed: int = 0
     extra_summary: dict = field(default_factory=dict)
@@ -177,7 +178,8 @@ class DistillationRun:
         with, except in :data:`dfkd.engine.rundir.RESUME_FREE_KEYS`."""
         state = read_state(self.state_path, self.device, self.world)
         if config is not None and isinstance(state.get("config"), dict):
-            check_resume_config(self.run_dir / "config.yaml", state["config"], config, int(state["step"]))
+            saved = {**(self.opts.config_defaults or {}), **state["config"]}
+            check_resume_config(self.run_dir / "config.yaml", saved, config, int(state["step"]))
         try:
             self.student.load_state_dict(state["student"])
             self.optimizer.load_state_dict(state["optimizer"])
@@ -326,6 +328,8 @@ class DistillationRun:
                 if self.grad_clip > 0:  # one fused norm, no host sync
                     self.scaler.unscale_(self.optimizer)
                     torch.nn.utils.clip_grad_norm_(self.student.parameters(), self.grad_clip)
+                    if self.extra:  # what the method trains beside the student (peers, adapters), on its own norm
+                        torch.nn.utils.clip_grad_norm_(self.extra, self.grad_clip)
                 self.scaler.step(self.optimizer)  # skipped when fp16 gradients overflowed
                 self.scaler.update()
                 if self.ema is not None:
