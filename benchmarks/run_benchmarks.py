@@ -58,10 +58,11 @@ TEACHER_RESNET8 = TEACHERS / "fm_resnet8_seed0.pt"
 TEACHER_SEED1 = TEACHERS / "fm_lenet5_bn_seed1.pt"
 TEACHER_HALF_BN = TEACHERS / "fm_lenet5_half_bn_seed0.pt"
 TEACHER_DAFL_OFFICIAL = TEACHERS / "fm_lenet5_dafl_official_seed0.pt"
+TEACHER_RECORDS = TEACHERS / "fm_lenet5_bn_records_seed0.pt"  # the teacher row's recipe + activation records
 # The teacher checkpoints kept in git: row -> (checkpoint, the seed of the row's command that made it).
 KEPT_TEACHERS = {"teacher": (TEACHER, 0), "teacher-plain": (TEACHER_PLAIN, 0), "teacher-seed1": (TEACHER_SEED1, 1),
                  "teacher-resnet8": (TEACHER_RESNET8, 0), "teacher-half-bn": (TEACHER_HALF_BN, 0),
-                 "teacher-dafl-official": (TEACHER_DAFL_OFFICIAL, 0)}
+                 "teacher-dafl-official": (TEACHER_DAFL_OFFICIAL, 0), "teacher-records": (TEACHER_RECORDS, 0)}
 # zoo row -> the kept teachers whose BN statistics are its priors
 ZOO_PRIORS = {"best-zoo": ["teacher-resnet8", "teacher-seed1"],
               "best-zoo3": ["teacher-resnet8", "teacher-seed1", "teacher-half-bn"]}
@@ -89,6 +90,8 @@ PUBLISHED = {
     "zskd-paper": "79.62 (ZSKD paper, this setting unscaled)",
     "cmi": "CIFAR-10 only (CMI paper); target: fast's row",
     "dfnd": "CIFAR/ImageNet only (DFND paper); wild data here: digits",
+    "lopes": "MNIST only (Lopes et al. 2017, fully connected teachers)",
+    "mosaickd": "CIFAR/ImageNet only (MosaicKD paper); wild data here: digits",
 }
 
 # row -> (description, dfkd arguments without --seed/--out). {teacher} is filled in.
@@ -118,6 +121,8 @@ ROWS: dict[str, tuple[str, str]] = {
                               "no augmentation, 3 epochs",
                               "train-teacher --dataset fashion-mnist --arch lenet5 --epochs 3 --optimizer adam --lr 0.001"
                               " --schedule constant --batch-size 256 --augment none --quiet"),
+    "teacher-records": ("teacher lenet5_bn as the teacher row, with activation records for Lopes et al. (--record-metadata)",
+                        "train-teacher --dataset fashion-mnist --arch lenet5_bn --epochs 15 --record-metadata --quiet"),
     "student-labels": ("student lenet5_half, labels, real data (15 epochs)",
                        "train-teacher --dataset fashion-mnist --arch lenet5_half --epochs 15 --quiet"),
     "kd-real": ("KD with all real train images (upper bound)",
@@ -190,6 +195,10 @@ ROWS: dict[str, tuple[str, str]] = {
              DISTILL + " --config configs/fashion-mnist/dfnd.yaml"),
     "cmi": ("CMI (CPU budget recipe sized like fast's: generator kept across rounds, 2 steps per round)",
             DISTILL + " --config configs/fashion-mnist/cmi.yaml"),
+    "lopes": ("Lopes et al. 2017: inputs reconstructed from the teacher's activation records (top layer)",
+              DISTILL.replace("{teacher}", "{teacher_records}") + " --config configs/fashion-mnist/lopes.yaml"),
+    "mosaickd": ("MosaicKD: a generator whose patches a discriminator cannot tell from the wild images' (digits)",
+                 DISTILL + " --config configs/fashion-mnist/mosaickd.yaml"),
 }
 
 
@@ -226,7 +235,8 @@ def run_one(row: str, seed: int) -> dict:
     description, template = ROWS[row]
     out = RUNS / row / f"seed{seed}"
     args = template.format(teacher=rel(TEACHER), teacher_plain=rel(TEACHER_PLAIN),
-                           teacher_dafl_official=rel(TEACHER_DAFL_OFFICIAL), zoo_dir=rel(ZOO_DIR))
+                           teacher_dafl_official=rel(TEACHER_DAFL_OFFICIAL), teacher_records=rel(TEACHER_RECORDS),
+                           zoo_dir=rel(ZOO_DIR))
     if args.startswith("train-teacher"):
         args += f" --seed {seed} --out {rel(out)}.pt"
     else:
@@ -290,6 +300,7 @@ def ensure_teachers(jobs: int, rows) -> None:
         adopt_teacher(row)
     wanted = {"teacher"} | ({"teacher-plain"} if any(r.endswith("-plain") for r in rows) else set())
     wanted |= {"teacher-dafl-official"} if "dafl-official-teacher" in rows else set()
+    wanted |= {"teacher-records"} if "lopes" in rows else set()
     wanted |= {prior for row in rows for prior in ZOO_PRIORS.get(row, [])}
     wanted |= {row for row in rows if row in KEPT_TEACHERS}
     needed = [row for row in KEPT_TEACHERS if row in wanted and not KEPT_TEACHERS[row][0].exists()]
