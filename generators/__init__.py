@@ -2,7 +2,7 @@
 
 Importing this package registers every built-in method.
 """
-from generators import adversarial, cmi, dafl, deepinversion, dfnd, fast, kegnet, lopes, real, zskd  # noqa: F401
+from generators import adversarial, cmi, dafl, deepinversion, dfnd, fast, kegnet, lopes, mosaickd, real, zskd  # noqa: F401
 from generators.base import (
     Synthesizer,
     SynthesizerOptionError,
