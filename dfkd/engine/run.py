@@ -23,7 +23,6 @@ of processes only.
 """
 from __future__ import annotations
 
-import csv
 import logging
 import math
 import time
@@ -52,11 +51,11 @@ from dfkd.engine.ema import WeightAverage
 from dfkd.engine.evaluation import EvalData, match_rate, per_class_accuracy, predict
 from dfkd.engine.guard import FiniteGuard, NonFiniteError
 from dfkd.engine.optim import StudentOptim
-from dfkd.engine.rundir import DeferredInterrupt, ResumeError, check_resume_config  # noqa: F401  (ResumeError: re-exported)
+from dfkd.engine.rundir import DeferredInterrupt, ResumeError, check_resume_config, write_metrics  # noqa: F401  (ResumeError: re-exported)
 from dfkd.engine.state import STATE_FORMAT, DistillationError, read_state
 from generators.base import Synthesizer
 from teachers.checkpoint import save_checkpoint
-from teachers.files import atomic_write, torch_save
+from teachers.files import torch_save
 
 log = logging.getLogger("dfkd")
 
@@ -246,21 +245,8 @@ class DistillationRun:
         return result
 
     def _write_metrics_csv(self) -> None:
-        if not self.world.is_main:
-            return
-        keys: list[str] = []
-        for row in self.metrics:
-            for key in row:
-                if key not in keys:
-                    keys.append(key)
-
-        def write(handle):
-            writer = csv.DictWriter(handle, fieldnames=keys, lineterminator="\n")
-            writer.writeheader()
-            for row in self.metrics:
-                writer.writerow(row)
-
-        atomic_write(self.run_dir / "metrics.csv", write, mode="w")
+        if self.world.is_main:
+            write_metrics(self.run_dir, self.metrics)
 
     # -- the loop -------------------------------------------------------------------------
     def _set_lr(self) -> None:

@@ -42,6 +42,7 @@ its holder dies, however it dies. Imports only the standard library and ``teache
 """
 from __future__ import annotations
 
+import csv
 import logging
 import os
 import re
@@ -51,7 +52,7 @@ import threading
 import time
 from pathlib import Path
 
-from teachers.files import make_dirs, remove_stale_temp_files, write_error
+from teachers.files import atomic_write, make_dirs, remove_stale_temp_files, write_error
 
 try:
     import fcntl
@@ -361,3 +362,18 @@ def close_run_log(handler: logging.Handler | None) -> None:
     if handler is not None:
         logging.getLogger("dfkd").removeHandler(handler)
         handler.close()
+
+
+def write_metrics(run_dir: Path, rows: list[dict]) -> None:
+    """``metrics.csv``: one line per evaluation row, the columns every key any row has, in order of appearance."""
+    keys: list[str] = []
+    for row in rows:
+        keys += [key for key in row if key not in keys]
+
+    def write(handle):
+        writer = csv.DictWriter(handle, fieldnames=keys, lineterminator="\n")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow(row)
+
+    atomic_write(Path(run_dir) / METRICS, write, mode="w")
