@@ -35,14 +35,16 @@ import torch
 from dfkd.api.amalgamate import amalgamate
 from dfkd.api.config import AmalgamateConfig, DistillConfig
 from dfkd.api.distill import distill
-from dfkd.api.runs import RunError, RunResult, json_safe
+from dfkd.api.results import RunError, RunResult
+from dfkd.api.runs import json_safe
 from dfkd.config import load_yaml
-from dfkd.data import load_dataset
+from dfkd.data import open_dataset
 from dfkd.engine import rundir
+from dfkd.engine.evaluation import model_logits
 from dfkd.engine.run import RunInterrupted
 from dfkd.multi.combine import create_combiner, list_combiners
 from teachers import ZOO_FORMAT, load_checkpoint
-from teachers.device import batched_logits, resolve_device
+from teachers.device import resolve_device
 from teachers.files import sha256_file, write_json, write_yaml
 
 FORMAT = "dfkd-born-again/1"
@@ -155,10 +157,10 @@ def ensemble_accuracies(students: list[Path], base: dict, combine: str) -> tuple
     models = [load_checkpoint(path) for path in students]
     meta = models[0][1]
     dataset = base.get("eval_dataset") or meta["dataset"]
-    test = load_dataset(dataset, "test", root=base.get("data_root"), download=bool(base.get("download")),
+    test = open_dataset(dataset, "test", root=base.get("data_root"), download=bool(base.get("download")),
                         classes=list(meta["classes"]), image_size=int(meta["image_shape"][1]))
     device = resolve_device(base.get("device") or "auto")
-    logits = torch.stack([batched_logits(model, test.images, device).float() for model, _ in models])
+    logits = torch.stack([model_logits(model, test, device).float() for model, _ in models])
     labels = test.labels.cpu()
     combiner = create_combiner(combine).eval()
     mask = torch.ones(logits.shape[0], logits.shape[2], dtype=torch.bool)
