@@ -143,6 +143,7 @@ def test_student_batch_is_generated_plus_wild_images_and_resumes():
     assert torch.equal(copy.sample().images, synth.sample().images)
 
 
+@pytest.mark.slow
 def test_short_digits_run_from_the_recipe_beats_chance(tmp_path):
     """A teacher of the digits 0-4, the digits 5-9 as the wild set (a folder of shards), the
     digits recipe shortened: the student must beat chance (20%) by a wide margin (seeds 0-3 gave

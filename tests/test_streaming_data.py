@@ -218,6 +218,7 @@ print("ok", world.rank)
 """
 
 
+@pytest.mark.slow
 def test_torchrun_ranks_draw_disjoint_shares_of_a_streamed_set(tmp_path):
     """Two gloo processes: each rank's own seed differs, the passes are shuffled alike (rank 0's
     seed), so one pass of 24 images is split between them without overlap."""
