@@ -64,6 +64,8 @@ from torch import nn
 
 from dfkd.core.losses import information_entropy_loss, kl_teacher_student
 from dfkd.core.schedule import cosine_factor
+from dfkd.data.sampling import ShareBatches, resolve_share
+from dfkd.data.types import DatasetError
 from generators.base import (
     Synthesizer,
     SynthesizerOptionError,
@@ -137,15 +139,17 @@ def image_of(item) -> torch.Tensor:
 
 
 class ShuffledOrder:
-    """Indices ``0..n-1`` in shuffled epochs (a new order when one ends), a batch at a time."""
+    """Indices ``0..n-1`` in shuffled epochs (a new order when one ends), ``batch_size`` at a time
+    (one process; under torchrun each rank takes its share of every epoch instead:
+    :class:`dfkd.data.sampling.ShareBatches`)."""
 
-    def __init__(self, n: int, rng: torch.Generator):
-        self.n, self.rng = int(n), rng
+    def __init__(self, n: int, batch_size: int, rng: torch.Generator):
+        self.n, self.batch_size, self.rng = int(n), int(batch_size), rng
         self.order: torch.Tensor | None = None
         self.cursor = 0
 
-    def take(self, k: int) -> torch.Tensor:
-        parts = []
+    def next_batch(self) -> torch.Tensor:
+        k, parts = self.batch_size, []
         while k > 0:
             if self.order is None or self.cursor >= self.n:
                 self.order, self.cursor = torch.randperm(self.n, generator=self.rng), 0
@@ -204,7 +208,7 @@ class MosaicKD(Synthesizer):
         "schedule": "cosine",
     }
 
-    def __init__(self, teacher, image_shape, num_classes, device="cpu", seed=0, images=None, **options):
+    def __init__(self, teacher, image_shape, num_classes, device="cpu", seed=0, images=None, ranks=None, **options):
         super().__init__(teacher, image_shape, num_classes, device, seed, **options)
         o = self.options
         if o["ndf"] < 1 or o["discriminator_lr"] <= 0 or o["pad"] < 0:
@@ -217,8 +221,12 @@ class MosaicKD(Synthesizer):
         self.generator_optimizer = torch.optim.Adam(self.generator.parameters(), lr=o["generator_lr"], betas=ADAM_BETAS)
         self.discriminator_optimizer = torch.optim.Adam(self.discriminator.parameters(), lr=o["discriminator_lr"],
                                                         betas=ADAM_BETAS)
-        self.discriminator_order = ShuffledOrder(len(self.wild), self.rng)  # D's real batches
-        self.student_order = ShuffledOrder(len(self.wild), self.rng)  # the student's wild batches
+        try:  # under torchrun (or given ranks): (rank, world_size, shared seed) of the passes over the wild set
+            share = resolve_share(ranks, seed, self.device)
+        except DatasetError as err:
+            raise SynthesizerOptionError(f"method 'mosaickd': {err}") from None
+        self.discriminator_order = self._order(share, 0)  # D's real batches
+        self.student_order = self._order(share, 1)  # the student's wild batches
         self.rounds, self.total_rounds = 0, 0
 
     def _checked_wild(self, images):
@@ -243,9 +251,17 @@ class MosaicKD(Synthesizer):
         return images.to(self.device), False
 
     # -- batches ---------------------------------------------------------------------------
-    def wild_batch(self, order: ShuffledOrder) -> torch.Tensor:
+    def _order(self, share, stream: int):
+        """Shuffled epochs over the wild set: this process's own, or this rank's share of passes
+        shuffled alike on every rank (``stream`` tells the two orders apart)."""
+        if share is None:
+            return ShuffledOrder(len(self.wild), self.batch_size, self.rng)
+        rank, world_size, seed = share
+        return ShareBatches(len(self.wild), self.batch_size, num_replicas=world_size, rank=rank, seed=seed + stream)
+
+    def wild_batch(self, order) -> torch.Tensor:
         """The next ``batch_size`` wild images of ``order``'s epochs."""
-        indices = order.take(self.batch_size)
+        indices = torch.as_tensor(order.next_batch(), dtype=torch.long)
         if self.streamed:
             return torch.stack([image_of(self.wild[i]) for i in indices.tolist()]).to(self.device, non_blocking=True)
         return self.wild[indices.to(self.device)]

@@ -160,3 +160,22 @@ def test_short_digits_run_from_the_recipe_beats_chance(tmp_path):
                        out=str(tmp_path / "run"), progress=False)
     print("mosaickd digits", run.student_accuracy, run.summary["wall_seconds"])
     assert run.summary["steps"] == 150 and run.student_accuracy > 0.5
+
+
+def test_ranks_take_disjoint_shares_of_each_pass_over_the_wild_set():
+    """Under torchrun each rank's wild batches are its share of passes shuffled alike on every rank
+    (the discriminator's and the student's orders alike), and the position resumes."""
+    images = (torch.arange(16.0) / 16).view(16, 1, 1, 1).expand(16, 1, 8, 8).contiguous()
+
+    def synth(rank):
+        return make(LinearNet(0), images, 4, seed=3, batch_size=4, ranks=(rank, 2))
+
+    ranks = [synth(0), synth(1)]
+    for order in ("discriminator_order", "student_order"):
+        drawn = [torch.cat([(s.wild_batch(getattr(s, order))[:, 0, 0, 0] * 16).round().long() for _ in range(2)])
+                 for s in ranks]
+        assert sorted(drawn[0].tolist() + drawn[1].tolist()) == list(range(16))  # one pass, split in two
+    state, expected = ranks[0].state_dict(), ranks[0].wild_batch(ranks[0].student_order)
+    resumed = synth(0)
+    resumed.load_state_dict(state)
+    assert torch.equal(resumed.wild_batch(resumed.student_order), expected)
