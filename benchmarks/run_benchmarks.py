@@ -477,7 +477,13 @@ def reading(accuracy: dict[str, str]) -> str:
   row's own teacher's features, so the `-plain` rows' values are on another scale.
 - The `amal-*` rows amalgamate teachers trained on parts of the classes: in (a) two teachers on disjoint
   halves bound the student by their own concatenated logits (about 59% on real images); in (b) a third,
-  overlapping teacher lets `uhc` reconcile them.
+  overlapping teacher lets `uhc` reconcile them. Members put on one scale (`calibrated_concat`) and
+  per-member synthesis (`-pm`) recover most of the gap to one all-class teacher (`amal-single*`).
+- The `knowledge-*` rows add one form of knowledge to KD on real images, against `amal-single-real`
+  (the same recipe without it); the method rows `cmi`, `dfnd`, `mosaickd`, `zskd` are the
+  newer papers at a CPU budget (`dfnd` and `mosaickd` read digits as their wild images).
+- Wall seconds of runs made while three or four runs shared the two cores (see each record's
+  `command` and date in `docs/experiments.md`) overstate their cost; accuracy is unaffected.
 - Single runs of one recipe differ by up to about one point between seeds.
 
 The findings behind these rows, each with its date and the command that reproduces it, are in
