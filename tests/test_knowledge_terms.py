@@ -36,6 +36,26 @@ def test_each_term_is_its_weighted_loss_on_the_tapped_features(bn_teacher, stude
     assert all(p.grad is not None for p in student.parameters())
 
 
+def test_dkd_warms_up_over_its_share_of_the_planned_steps(bn_teacher, student):
+    """mdistiller's warm-up: 20 of 240 epochs, so a run of 1200 steps reaches full weight at step 100."""
+    inner = create_synthesizer("fast", bn_teacher, image_shape=(1, 32, 32), num_classes=10, **SMALL)
+    synth = KnowledgeTerms(inner, ["dkd"])
+    synth.plan(1200)
+    synth.attach_student(student)
+    synth.synthesize(student)
+    batch = synth.sample()
+    full = create_knowledge("dkd")
+    for step, factor in ((0, 1 / 100), (49, 50 / 100), (150, 1.0)):
+        synth.step = step
+        losses, s, t = synth.student_losses(student, batch)
+        assert torch.allclose(losses["dkd"], factor * full(s, t), rtol=1e-4, atol=1e-7), step
+    state = synth.state_dict()
+    again = KnowledgeTerms(create_synthesizer("fast", bn_teacher, image_shape=(1, 32, 32), num_classes=10, **SMALL), ["dkd"])
+    again.attach_student(student)
+    again.load_state_dict(state)
+    assert again.step == 151
+
+
 def test_entries_are_checked_in_one_line():
     assert parse_knowledge(["pkt", "nst:50", {"name": "pkd", "options": {"strategy": "last"}}]) == [
         {"name": "pkt", "weight": None, "options": {}}, {"name": "nst", "weight": 50.0, "options": {}},

@@ -48,9 +48,10 @@ class DKD(Knowledge):
 
     Defaults ``alpha = 1``, ``beta = 8``, ``T = 4`` (the paper's CIFAR-100 setting and
     mdistiller's defaults; the paper tunes ``beta`` per setting) and a linear warm-up over
-    ``warmup = 20`` epochs (mdistiller's training code; epochs counted from 1). Pass
-    ``epoch=`` to ``forward`` to apply the warm-up (a float works for a fractional schedule);
-    without it the factor is 1.
+    ``warmup = 20`` of ``epochs = 240`` epochs (mdistiller's training code; epochs counted from 1).
+    Pass ``epoch=`` to ``forward``, or ``progress=`` (the fraction of training done, which
+    :class:`~dfkd.knowledge.terms.KnowledgeTerms` passes: ``epoch = progress * epochs``), to apply
+    the warm-up; without either the factor is 1.
 
     DKD needs a target class. Data-free distillation has no labels, so when ``targets`` is
     ``None`` the teacher's argmax ``argmax_k z_k^T`` is used: TCKD then transfers the
@@ -62,11 +63,13 @@ class DKD(Knowledge):
     layers = None
     suggested_weight = 1.0
 
-    def __init__(self, alpha: float = 1.0, beta: float = 8.0, temperature: float = 4.0, warmup: float = 20.0):
+    def __init__(self, alpha: float = 1.0, beta: float = 8.0, temperature: float = 4.0, warmup: float = 20.0,
+                 epochs: float = 240.0):
         super().__init__()
         if temperature <= 0:
             raise ValueError(f"dkd: temperature must be positive, got {temperature}")
         self.alpha, self.beta, self.temperature, self.warmup = float(alpha), float(beta), float(temperature), float(warmup)
+        self.epochs = float(epochs)
 
     def warmup_factor(self, epoch: float | None) -> float:
         if epoch is None or self.warmup <= 0:
@@ -74,11 +77,13 @@ class DKD(Knowledge):
         return min(float(epoch) / self.warmup, 1.0)
 
     def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor | None = None,
-                epoch: float | None = None, **kw) -> torch.Tensor:
+                epoch: float | None = None, progress: float | None = None, **kw) -> torch.Tensor:
         if student_logits.shape != teacher_logits.shape or student_logits.dim() != 2:
             raise ValueError(f"dkd: needs logits of one shape (B, K), got {tuple(student_logits.shape)} and "
                              f"{tuple(teacher_logits.shape)}")
         if targets is None:
             targets = teacher_logits.detach().argmax(dim=1)
         tckd, nckd = dkd_terms(student_logits, teacher_logits, targets, self.temperature)
+        if epoch is None and progress is not None:
+            epoch = progress * self.epochs
         return self.warmup_factor(epoch) * (self.alpha * tckd + self.beta * nckd)

@@ -15,7 +15,8 @@ defaults to the loss's ``suggested_weight``, else 1). The features come from for
 - ``paired``: the last ``n`` blocks of each (``block_paths``), ``n`` the shorter of the two;
 - ``sequence`` / ``all``: every block of each, in order (layer-mapping losses get the two
   depths as ``student_layers`` / ``teacher_layers`` unless the options give them);
-- logits (``needs = "logits"``, DKD): the student's and teacher's logits of the method's step.
+- logits (``needs = "logits"``, DKD): the student's and teacher's logits of the method's step, with
+  ``progress``, the fraction of the planned student steps done (DKD's warm-up reads it).
 
 The student's features are those of the method's own student forward pass; the teacher runs
 once more on the batch (without gradient) for its features. Trainable parts of a loss are
@@ -96,6 +97,7 @@ class KnowledgeTerms(WrappedSynthesizer):
             raise UnknownKnowledgeError("KnowledgeTerms needs at least one knowledge entry")
         self.terms: list[Term] = []
         self._taps: tuple[FeatureTap, FeatureTap] | None = None
+        self.step, self.total_steps = 0, 0  # student steps taken and planned (the progress logit losses get)
 
     def describe(self) -> dict:
         return dict(self.inner.describe(), knowledge=[{"name": t.name, "weight": t.weight} for t in self.terms])
@@ -153,8 +155,8 @@ class KnowledgeTerms(WrappedSynthesizer):
         student_taps, teacher_taps = self._taps
         losses = {}
         for term in self.terms:
-            if term.loss.needs == "logits":
-                value = term.loss(student_logits, teacher_logits)
+            if term.loss.needs == "logits":  # with the fraction of training done (DKD's warm-up)
+                value = term.loss(student_logits, teacher_logits, progress=(self.step + 1) / max(1, self.total_steps))
             else:
                 value = term.loss(self._features(student_taps, term.student_paths, term.capture),
                                   [f.detach() for f in self._features(teacher_taps, term.teacher_paths, term.capture)])
@@ -165,6 +167,10 @@ class KnowledgeTerms(WrappedSynthesizer):
         if self.entries and not self.terms:
             raise RuntimeError("extra_parameters() is known only after attach_student(student)")
         return [*self.inner.extra_parameters(), *(p for t in self.terms for p in t.loss.parameters())]
+
+    def plan(self, total_student_steps: int) -> None:
+        self.total_steps = int(total_student_steps)
+        self.inner.plan(total_student_steps)
 
     def student_losses(self, student, batch):
         """The method's terms, then each form of knowledge's weighted term (module docstring)."""
@@ -177,13 +183,15 @@ class KnowledgeTerms(WrappedSynthesizer):
         if clash:
             raise UnknownKnowledgeError(f"knowledge {clash[0]!r} has the name of one of the method's own terms")
         losses.update(self._knowledge_losses(student_logits, teacher_logits))
+        self.step += 1
         return losses, student_logits, teacher_logits
 
     # -- state -------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {"inner": self.inner.state_dict(), "knowledge": [t.loss.state_dict() for t in self.terms]}
+        return {"inner": self.inner.state_dict(), "knowledge": [t.loss.state_dict() for t in self.terms], "step": self.step}
 
     def load_state_dict(self, state: dict) -> None:
         self.inner.load_state_dict(state["inner"])
         for term, saved in zip(self.terms, state.get("knowledge", [])):
             term.loss.load_state_dict(saved)
+        self.step = int(state.get("step", 0))
