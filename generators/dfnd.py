@@ -47,7 +47,7 @@ import torch.nn.functional as F
 
 from dfkd.core.losses import kd_loss
 from dfkd.data.sampling import ShareBatches, resolve_share
-from dfkd.data.types import DatasetError
+from dfkd.data.types import DatasetError, image_of
 from generators.base import Synthesizer, SynthesizerOptionError, SyntheticBatch, augment_batch, register_synthesizer
 
 
@@ -138,8 +138,8 @@ class DFND(Synthesizer):
         self.images = images if self.streamed else self._checked_tensor(images)
         if len(self.images) == 0:
             raise SynthesizerOptionError("method 'dfnd': the wild image set is empty")
-        if self.streamed and tuple(self.images[0].shape) != self.image_shape:
-            raise SynthesizerOptionError(f"method 'dfnd': the image set gives {tuple(self.images[0].shape)} images, "
+        if self.streamed and tuple(image_of(self.images[0]).shape) != self.image_shape:
+            raise SynthesizerOptionError(f"method 'dfnd': the image set gives {tuple(image_of(self.images[0]).shape)} images, "
                                          f"the teacher takes {self.image_shape}")
         accuracy = self.options["teacher_accuracy"]
         if not 0.0 < accuracy <= 1.0 or not 0.0 < self.options["select_fraction"] <= 1.0:
@@ -171,7 +171,7 @@ class DFND(Synthesizer):
         n, step = len(self.images), int(self.options["selection_batch_size"])
         for start in range(0, n, step):
             if self.streamed:
-                yield torch.stack([self.images[i] for i in range(start, min(n, start + step))]).to(self.device)
+                yield torch.stack([image_of(self.images[i]) for i in range(start, min(n, start + step))]).to(self.device)
             else:
                 yield self.images[start:start + step].to(self.device, non_blocking=True)
 
@@ -228,7 +228,7 @@ class DFND(Synthesizer):
         positions = self._next_indices()
         if self.streamed:
             chosen = self.selected[positions].tolist()
-            images = torch.stack([self.images[i] for i in chosen]).to(self.device, non_blocking=True)
+            images = torch.stack([image_of(self.images[i]) for i in chosen]).to(self.device, non_blocking=True)
         else:
             images = self.pool[positions.to(self.device)]
         if self.options["augment"]:

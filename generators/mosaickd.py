@@ -65,7 +65,7 @@ from torch import nn
 from dfkd.core.losses import information_entropy_loss, kl_teacher_student
 from dfkd.core.schedule import cosine_factor
 from dfkd.data.sampling import ShareBatches, resolve_share
-from dfkd.data.types import DatasetError
+from dfkd.data.types import DatasetError, image_of
 from generators.base import (
     Synthesizer,
     SynthesizerOptionError,
@@ -131,11 +131,6 @@ def prediction_entropy(teacher_logits: torch.Tensor) -> torch.Tensor:
 def class_balance(teacher_logits: torch.Tensor) -> torch.Tensor:
     """The balance term, ``sum_k pbar_k log2 pbar_k`` (minimum ``-log2 K``: every class as often)."""
     return information_entropy_loss(teacher_logits, base=2.0)
-
-
-def image_of(item) -> torch.Tensor:
-    """A data set item's image: the item itself, or the first of an ``(image, label)`` pair."""
-    return item[0] if isinstance(item, (tuple, list)) else item
 
 
 class ShuffledOrder:

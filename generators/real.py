@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 
 from dfkd.data.sampling import RandomBatches, ShareBatches, batches_loader, resolve_share
-from dfkd.data.types import DatasetError
+from dfkd.data.types import DatasetError, image_of
 from generators.base import Synthesizer, SynthesizerOptionError, SyntheticBatch, augment_batch, register_synthesizer
 
 
@@ -81,7 +81,7 @@ class RealImages(Synthesizer):
     def _check_streamed(self, dataset) -> None:
         if len(dataset) == 0:
             raise SynthesizerOptionError("method 'real': the image set is empty")
-        first = _image(dataset[0])
+        first = image_of(dataset[0])
         if tuple(first.shape) != self.image_shape:
             raise SynthesizerOptionError(f"method 'real': the image set gives {tuple(first.shape)} images, "
                                          f"the teacher takes {self.image_shape}")
@@ -102,7 +102,7 @@ class RealImages(Synthesizer):
 
     def sample(self):
         if self.streamed:
-            images = _image(next(self._loader)).to(self.device, non_blocking=True)
+            images = image_of(next(self._loader)).to(self.device, non_blocking=True)
         else:
             idx = (torch.tensor(self.share.next_batch()) if self.share is not None
                    else torch.randint(0, len(self.images), (self.batch_size,), generator=self.rng))
@@ -123,6 +123,3 @@ class RealImages(Synthesizer):
             self.share.load_state_dict(state["share"])
 
 
-def _image(item):
-    """The image of a data set's item or batch: itself, or the first of an (image, label) pair."""
-    return item[0] if isinstance(item, (tuple, list)) else item

@@ -139,3 +139,7 @@ class RawSplit:
     split_seed: int | None = None
 
 
+def image_of(item):
+    """The images of a data set's item or batch: the item itself, or the first of an
+    ``(images, labels)`` pair (what a split of :func:`dfkd.data.open_dataset` yields)."""
+    return item[0] if isinstance(item, (tuple, list)) else item

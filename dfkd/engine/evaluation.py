@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from dfkd.data.types import image_of
 from teachers.device import batched_logits
 
 
@@ -71,12 +72,10 @@ class EvalData:
         if isinstance(self.images, torch.Tensor):
             return self.images[:n], self.labels[:n]
         loader = torch.utils.data.DataLoader(self.images[:n], batch_size=1000, shuffle=False, num_workers=0)
-        parts = [_images(batch) for batch in loader]
+        parts = [image_of(batch) for batch in loader]
         return (torch.cat(parts) if parts else torch.zeros(0)), self.labels[:n]
 
 
-def _images(batch) -> torch.Tensor:
-    return batch[0] if isinstance(batch, (tuple, list)) else batch
 
 
 def model_logits(model: nn.Module, images, device, batch_size: int = 1000) -> torch.Tensor:
@@ -85,7 +84,7 @@ def model_logits(model: nn.Module, images, device, batch_size: int = 1000) -> to
     if isinstance(images, torch.Tensor):
         return batched_logits(model, images, device, batch_size)
     loader = torch.utils.data.DataLoader(images, batch_size=batch_size, shuffle=False, num_workers=0)
-    parts = [batched_logits(model, _images(batch), device, batch_size) for batch in loader]
+    parts = [batched_logits(model, image_of(batch), device, batch_size) for batch in loader]
     return torch.cat(parts) if parts else torch.zeros(0, 0)
 
 
