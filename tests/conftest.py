@@ -33,3 +33,16 @@ def student():
 
     torch.manual_seed(1)
     return build_model("lenet5_half", 10, 1, 32, (0.3,), (0.35,))
+
+
+@pytest.fixture(autouse=True)
+def _sigint_handler_restored():
+    """Each test starts with Python's default Ctrl-C handler (runs defer Ctrl-C only over that
+    one); a test that leaves another installed is named in a warning and the default restored."""
+    import signal
+    import warnings
+
+    yield
+    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        warnings.warn("this test left a non-default SIGINT handler installed; restored", stacklevel=1)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
