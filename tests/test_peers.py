@@ -136,6 +136,7 @@ def _accuracy(model, images, labels):
     return match_rate(predict(model, images, "cpu"), labels)
 
 
+@pytest.mark.slow
 def test_a_dml_run_reports_and_saves_its_peers(digits_teacher, tmp_path):
     """Through dfkd.distill on real transfer images, with a knowledge term inside the cohort: each
     peer's accuracy in summary.json is the one of the weights saved in state.pt."""
@@ -161,6 +162,7 @@ def test_a_dml_run_reports_and_saves_its_peers(digits_teacher, tmp_path):
         dfkd.distill(teacher=str(digits_teacher), out=str(tmp_path / "bad"), peers=0, **REAL)
 
 
+@pytest.mark.slow
 def test_born_again_generations_and_their_ensemble(digits_teacher, tmp_path, capsys):
     """Two generations through the command line: gen1, gen2 and born_again.json; the ensemble's
     accuracy is the mean of the two students' probabilities by hand; --resume completes a
