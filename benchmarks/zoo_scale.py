@@ -2,7 +2,7 @@
 
 Usage (from the repository root, on an otherwise idle machine; one CPU thread)::
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/zoo_scale.py --json benchmarks/results/zoo_scale.json
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/zoo_scale.py --steps 500 --seeds 0 1 2 --json benchmarks/results/zoo_scale.json
 
 Members are Fashion-MNIST teachers of mixed architectures (``lenet5_bn``, ``resnet8``,
 ``lenet5_half_bn`` in turn) trained on parts of the classes (:data:`ZOOS`): two disjoint halves,
@@ -10,7 +10,9 @@ three disjoint groups, five disjoint pairs, and ten pairs around a ring (each cl
 members, so the overlaps connect every class set). Each zoo is amalgamated into ``lenet5_half``
 with the amalgamation recipe (``configs/fashion-mnist/amalgamate-fast.yaml``, Fast), the
 defaults for the zoo (``--combine auto``, ``--synthesis auto``) and ``--steps`` student steps;
-the wall time per student step includes every member's synthesis. Measured, never asserted.
+the wall time per student step includes every member's synthesis. Records are merged into ``--json``
+by (zoo size, seed), and the table gives each size's mean ± std over the seeds on record. Measured,
+never asserted.
 """
 from __future__ import annotations
 
@@ -72,8 +74,34 @@ def amalgamate(size: int, steps: int, seed: int) -> dict:
             "seconds_per_step": round(summary["wall_seconds"] / summary["steps"], 4),
             "images_synthesized": summary["images_synthesized"],
             "ensemble_accuracy": summary.get("ensemble_accuracy"),
+            "ensemble_accuracy_calibrated": summary.get("ensemble_accuracy_calibrated"),
             "member_accuracy": {m["name"]: m["accuracy"] for m in summary.get("teachers", [])},
             "command": "dfkd " + " ".join(map(str, command))}
+
+
+def mean_std(values) -> str:
+    """``mean ± std`` in percent (population std over the seeds), or the one value."""
+    values = [100 * v for v in values if v is not None]
+    if not values:
+        return "-"
+    mean = sum(values) / len(values)
+    std = (sum((v - mean) ** 2 for v in values) / len(values)) ** 0.5
+    return f"{mean:.2f} ± {std:.2f}" if len(values) > 1 else f"{mean:.2f}"
+
+
+def print_table(records: list[dict]) -> None:
+    """One Markdown row per zoo size, over the seeds on record."""
+    print("\n| members | class sets | combine / synthesis | ensemble before / after calibration | student | "
+          "s per step | seeds |\n|---|---|---|---|---|---|---|")
+    for size in sorted({r["members"] for r in records}):
+        rows = [r for r in records if r["members"] == size]
+        first = rows[0]
+        print(f"| {size} | {' '.join(first['classes'])} | {first['combine']} / {first['synthesis']} | "
+              f"{mean_std(r['ensemble_accuracy'] for r in rows)} / "
+              f"{mean_std(r.get('ensemble_accuracy_calibrated') for r in rows)} | "
+              f"{mean_std(r['student_accuracy'] for r in rows)} | "
+              f"{sum(r['seconds_per_step'] for r in rows) / len(rows):.3f} | "
+              f"{','.join(str(r['seed']) for r in rows)} |")
 
 
 def main(argv=None) -> int:
@@ -83,21 +111,17 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", nargs="*", type=int, default=[0])
     parser.add_argument("--json", type=Path, help="write the records here")
     args = parser.parse_args(argv)
-    records = []
+    records = json.loads(args.json.read_text()) if args.json and args.json.is_file() else []
     for size in args.sizes:
         for seed in args.seeds:
             record = amalgamate(size, args.steps, seed)
-            records.append(record)
+            records = [r for r in records if (r["members"], r["seed"]) != (size, seed)] + [record]
+            records.sort(key=lambda r: (r["members"], r["seed"]))
             print(f"{size} members (seed {seed}): {record['student_accuracy']:.2%}, {record['seconds_per_step']} s/step, "
                   f"{record['combine']} / {record['synthesis']}", flush=True)
             if args.json:
                 args.json.write_text(json.dumps(records, indent=1) + "\n")
-    print("\n| members | class sets | combine / synthesis | teachers' ensemble | student | s per step |\n"
-          "|---|---|---|---|---|---|")
-    for r in records:
-        ensemble = f"{r['ensemble_accuracy']:.2%}" if r["ensemble_accuracy"] is not None else "-"
-        print(f"| {r['members']} | {' '.join(r['classes'])} | {r['combine']} / {r['synthesis']} | {ensemble} | "
-              f"{r['student_accuracy']:.2%} | {r['seconds_per_step']} |")
+    print_table(records)
     return 0
 
 
