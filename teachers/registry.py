@@ -33,7 +33,8 @@ class Registry(Generic[T]):
     """Names to objects, filled by a decorator: the one registry type of the package (models,
     synthesizers, combiners, data sets).
 
-    ``key`` normalises names (e.g. case and ``_``/``-``); ``on_register(name, obj)`` may check
+    ``key`` normalises names (e.g. case and ``_``/``-``); ``plural`` names the kind in the list of
+    known names (default: the kind with an ``s``); ``on_register(name, obj)`` may check
     or adapt an object before it is stored (and returns what is stored); an unknown name raises
     ``error`` with a message that lists the known names (or ``unknown_message(name)``), and so
     does a bad or duplicate registration.
@@ -41,8 +42,9 @@ class Registry(Generic[T]):
 
     def __init__(self, kind: str, error: type[Exception] = KeyError, key: Callable[[str], str] = str,
                  on_register: Callable[[str, Any], Any] | None = None,
-                 unknown_message: Callable[[str], str] | None = None):
+                 unknown_message: Callable[[str], str] | None = None, plural: str | None = None):
         self.kind, self.error, self.key = kind, error, key
+        self.plural = plural or f"{kind}s"
         self.on_register = on_register
         self.unknown_message = unknown_message
         self._items: dict[str, T] = {}
@@ -72,7 +74,7 @@ class Registry(Generic[T]):
         """The object registered as ``name``; an unknown name raises ``error`` listing the known ones."""
         if name not in self:
             message = (self.unknown_message(name) if self.unknown_message
-                       else f"unknown {self.kind} {name!r}; known {self.kind}s: {', '.join(self.names())}")
+                       else f"unknown {self.kind} {name!r}; known {self.plural}: {', '.join(self.names())}")
             raise self.error(message)
         return self._items[self.key(name)]
 

@@ -52,6 +52,7 @@ def test_registry_lists_every_form_and_unknown_name_lists_them():
     with pytest.raises(K.UnknownKnowledgeError) as err:
         create_knowledge("hinton")
     assert isinstance(err.value, ValueError)
+    assert "known forms of knowledge: " in str(err.value)
     for name in names:
         assert name in str(err.value)
     assert isinstance(create_knowledge("ALP-KD"), K.ALPKD)  # case and '-' are normalised

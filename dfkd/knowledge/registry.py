@@ -74,7 +74,7 @@ def _key(name: str) -> str:
 #: Every form of knowledge by name (``@register_knowledge("rkd")``); names ignore case and
 #: treat ``-`` as ``_`` (``"ALP-KD"`` is ``"alp_kd"``).
 KNOWLEDGE: Registry[type["Knowledge"]] = Registry("form of knowledge", UnknownKnowledgeError, key=_key,
-                                                  on_register=name_class)
+                                                  on_register=name_class, plural="forms of knowledge")
 
 
 def register_knowledge(name: str) -> Callable[[type], type]:
