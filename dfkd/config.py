@@ -47,9 +47,10 @@ def parse_overrides(items: list[str]) -> dict:
     return result
 
 
-def merge_config(defaults: dict, *layers: dict) -> dict:
+def merge_config(defaults: dict, *layers: dict, item_types: dict | None = None) -> dict:
     """Merge layers over ``defaults``; keys not in ``defaults`` are an error listing the
-    accepted ones. ``options`` mappings are merged key by key."""
+    accepted ones. ``options`` mappings are merged key by key. ``item_types`` maps a list key
+    to the types its entries may have (strings where it is silent)."""
     merged = {k: (dict(v) if isinstance(v, dict) else v) for k, v in defaults.items()}
     for layer in layers:
         for key, value in (layer or {}).items():
@@ -61,5 +62,5 @@ def merge_config(defaults: dict, *layers: dict) -> dict:
             if key == "options" and isinstance(value, dict):
                 merged["options"] = {**merged.get("options", {}), **{k.replace("-", "_"): v for k, v in value.items()}}
                 continue
-            merged[key] = check_type(key, value, defaults[key], ConfigError)
+            merged[key] = check_type(key, value, defaults[key], ConfigError, items=(item_types or {}).get(key, (str,)))
     return merged

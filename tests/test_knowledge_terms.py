@@ -68,6 +68,20 @@ def test_entries_are_checked_in_one_line():
         parse_knowledge([{"name": "rkd", "weight": -1}])
 
 
+def test_a_run_config_takes_entries_with_options_and_refuses_other_items():
+    from dfkd.api.config import RunConfig
+    from dfkd.config import ConfigError
+
+    entries = [{"name": "crd", "options": {"num_negatives": 64}}, "pkt:2"]
+    config = RunConfig.from_layers({"method": "real"}, {"knowledge": entries}).validate()
+    assert config.knowledge == entries
+    assert RunConfig.from_layers({"knowledge": "pkt"}).knowledge == ["pkt"]
+    with pytest.raises(ConfigError, match="knowledge must be a list of strings or mappings"):
+        RunConfig.from_layers({"knowledge": [3]})
+    with pytest.raises(ConfigError, match="bn_priors must be a list of strings"):  # other lists stay strings
+        RunConfig.from_layers({"bn_priors": [{"path": "a.pt"}]})
+
+
 def test_a_run_with_knowledge_trains_and_resumes_its_parts(bn_teacher, tmp_path):
     """Through dfkd.distill: layer mapping (PKD, adapters built by the probe pass) and VID
     (trainable heads) next to Fast's KD; their parameters are optimised and saved."""

@@ -78,7 +78,14 @@ class _Layered:
     def from_layers(cls, *layers: dict | None):
         """Merge mappings over the defaults (unknown keys and wrong types are a
         :class:`dfkd.config.ConfigError` naming the key)."""
-        return cls(**merge_config(cls.defaults(), *(_plain_paths(layer) for layer in layers)))
+        return cls(**merge_config(cls.defaults(), *(_plain_paths(layer) for layer in layers),
+                                  item_types=cls.item_types()))
+
+    @classmethod
+    def item_types(cls) -> dict:
+        """``{list key: the types its entries may have}`` for the keys that take more than strings
+        (a field's ``metadata={"items": ...}``)."""
+        return {f.name: f.metadata["items"] for f in dataclasses.fields(cls) if "items" in f.metadata}
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -96,7 +103,7 @@ class _Layered:
                 continue
             if isinstance(value, os.PathLike):
                 value = os.fspath(value)
-            value = check_type(f.name, value, defaults[f.name], ConfigError)
+            value = check_type(f.name, value, defaults[f.name], ConfigError, items=f.metadata.get("items", (str,)))
             setattr(self, f.name, value)
             if f.name in self.ranges:
                 _check_range(f.name, value, self.ranges[f.name])
@@ -172,7 +179,8 @@ class RunConfig(_Layered):
     channels_last: bool = False  # the student in channels-last memory format
     transfer_set: Any = None  # images for real / dfnd: a folder of images or shards (streamed), or a data set's name
     bn_priors: list = field(default_factory=list)
-    knowledge: list = field(default_factory=list)  # forms of knowledge added to the student's loss (dfkd.knowledge.terms)
+    # forms of knowledge added to the student's loss (dfkd.knowledge.terms): NAME, NAME:WEIGHT or {name, weight, options}
+    knowledge: list = field(default_factory=list, metadata={"items": (str, dict)})
     # deep mutual learning (dfkd.knowledge.peers): the student and peers - 1 peers learn from each other
     peers: int = 1  # the cohort's size; 1: off
     peer_arch: Any = None  # None: the student's architecture

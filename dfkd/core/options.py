@@ -7,10 +7,11 @@ class OptionError(ValueError):
     """An option whose value has the wrong type."""
 
 
-def check_type(key: str, value, default, error: type[Exception] = OptionError):
+def check_type(key: str, value, default, error: type[Exception] = OptionError, items: tuple = (str,)):
     """``value`` checked (and coerced: an integral float to ``int``, an ``int`` to ``float``)
-    against the type of ``default``; ``None`` on either side passes. The one type rule for
-    config keys and method options alike; a mismatch raises ``error`` naming the key."""
+    against the type of ``default``; ``None`` on either side passes. A list's entries must be of
+    the ``items`` types (strings unless a key says otherwise). The one type rule for config keys
+    and method options alike; a mismatch raises ``error`` naming the key."""
     if default is None or value is None:
         return value
     if isinstance(default, bool):
@@ -34,9 +35,11 @@ def check_type(key: str, value, default, error: type[Exception] = OptionError):
             raise error(f"{key} must be a mapping, got {value!r}")
         return value
     if isinstance(default, list):
-        if isinstance(value, str):  # one item
+        if isinstance(value, items):  # one item
             return [value]
-        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
-            raise error(f"{key} must be a list of strings (e.g. file paths), got {value!r}")
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, items) for v in value):
+            what = "strings (e.g. file paths)" if items == (str,) else " or ".join(
+                {str: "strings", dict: "mappings"}.get(t, t.__name__) for t in items)
+            raise error(f"{key} must be a list of {what}, got {value!r}")
         return list(value)
     return value
