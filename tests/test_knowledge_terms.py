@@ -62,8 +62,13 @@ def test_entries_are_checked_in_one_line():
         {"name": "pkd", "weight": None, "options": {"strategy": "last"}}]
     with pytest.raises(UnknownKnowledgeError, match="known"):
         parse_knowledge(["telepathy"])
-    with pytest.raises(UnknownKnowledgeError, match="give NAME or NAME:WEIGHT"):
+    with pytest.raises(UnknownKnowledgeError, match=r"give NAME\[:WEIGHT\]\[:KEY=VALUE,...\]"):
         parse_knowledge(["rkd:lots"])
+    assert parse_knowledge(["crd:0.5:num_negatives=1024,temperature=0.1", "crd::num_negatives=64"]) == [
+        {"name": "crd", "weight": 0.5, "options": {"num_negatives": 1024, "temperature": 0.1}},
+        {"name": "crd", "weight": None, "options": {"num_negatives": 64}}]
+    with pytest.raises(UnknownKnowledgeError, match="options go as KEY=VALUE"):
+        parse_knowledge(["crd:0.5:num_negatives"])
     with pytest.raises(UnknownKnowledgeError, match="weight must be a number >= 0"):
         parse_knowledge([{"name": "rkd", "weight": -1}])
 

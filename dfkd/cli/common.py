@@ -113,9 +113,10 @@ def add_run_arguments(p) -> None:
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"],
                    help="mixed precision of forward passes (default auto: bf16 on CUDA, fp32 elsewhere; fp16 scales "
                         "the student's gradients)")
-    p.add_argument("--knowledge", action="append", metavar="NAME[:WEIGHT]",
+    p.add_argument("--knowledge", action="append", metavar="NAME[:WEIGHT][:KEY=VALUE,...]",
                    help="add a form of knowledge to the student's loss (rkd, sp, pkt, cc, fsp, nst, ft, vid, crd, dkd, "
-                        "pkd, ckd, alp_kd, rail_kd); repeatable; options go in the config's knowledge: list")
+                        "pkd, ckd, alp_kd, rail_kd) at WEIGHT (default: its paper's) with the loss's options, e.g. "
+                        "crd:0.8:num_negatives=1024; repeatable")
     p.add_argument("--channels-last", action="store_true", default=None,
                    help="keep the student's weights and activations channels-last (faster convolutions on GPUs)")
     p.add_argument("--transfer-set", metavar="DIR", help="--method real: distill from this folder of unlabeled images "

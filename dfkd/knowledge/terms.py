@@ -4,6 +4,7 @@
       - {name: rkd, weight: 1.0}                 # relations between the batch's embeddings
       - {name: nst, weight: 50.0}                # paired block outputs
       - {name: pkd, options: {strategy: skip}}   # every block, mapped across depths
+      - crd:0.8:num_negatives=1024               # NAME[:WEIGHT][:KEY=VALUE,...], as --knowledge takes it
 
 :class:`KnowledgeTerms` wraps a synthesizer (:class:`~generators.wrapped.WrappedSynthesizer`):
 synthesis is the method's; the student's loss on a batch is the method's terms plus, for each
@@ -30,6 +31,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from dfkd.config import parse_value
 from dfkd.core.taps import FeatureTap, block_paths, head_path
 from dfkd.knowledge.registry import Knowledge, UnknownKnowledgeError, create_knowledge, knowledge_class
 from generators.wrapped import WrappedSynthesizer
@@ -47,21 +49,37 @@ class Term:
     capture: str  # "input" (the penultimate features) or "output" (block outputs)
 
 
+def _entry_of_text(text: str) -> dict:
+    """``NAME[:WEIGHT][:KEY=VALUE,...]`` (the command line's ``--knowledge``) as an entry; option values
+    are read with YAML rules (``crd::num_negatives=1024`` keeps the suggested weight)."""
+    name, _, rest = text.partition(":")
+    weight, _, option_text = rest.partition(":")
+    try:
+        entry = {"name": name, **({"weight": float(weight)} if weight else {})}
+    except ValueError:
+        raise UnknownKnowledgeError(f"--knowledge {text}: give NAME[:WEIGHT][:KEY=VALUE,...], e.g. rkd:1.0 "
+                                    "or crd:0.8:num_negatives=1024") from None
+    options = {}
+    for item in filter(None, option_text.split(",")):
+        key, equals, value = item.partition("=")
+        if not equals or not key:
+            raise UnknownKnowledgeError(f"--knowledge {text}: options go as KEY=VALUE after the weight, "
+                                        "e.g. crd:0.8:num_negatives=1024")
+        options[key.strip()] = parse_value(value)
+    return {**entry, "options": options} if options else entry
+
+
 def parse_knowledge(entries) -> list[dict]:
-    """``knowledge:`` entries (``name``, ``name:weight``, or ``{name, weight, options}``) as dicts; refuses
-    unknown names and keys with one line."""
+    """``knowledge:`` entries (``name``, ``name:weight``, ``name:weight:key=value,...``, or
+    ``{name, weight, options}``) as dicts; refuses unknown names and keys with one line."""
     if entries is None:
         return []
     if isinstance(entries, (str, dict)):
         entries = [entries]
     parsed = []
     for entry in entries:
-        if isinstance(entry, str):  # "name" or "name:weight" (the command line's --knowledge)
-            name, _, weight = entry.partition(":")
-            try:
-                entry = {"name": name, **({"weight": float(weight)} if weight else {})}
-            except ValueError:
-                raise UnknownKnowledgeError(f"--knowledge {entry}: give NAME or NAME:WEIGHT, e.g. rkd:1.0") from None
+        if isinstance(entry, str):
+            entry = _entry_of_text(entry)
         entry = dict(entry)
         unknown = sorted(set(entry) - {"name", "weight", "options"})
         if "name" not in entry or unknown:
