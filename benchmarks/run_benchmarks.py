@@ -59,10 +59,18 @@ TEACHER_SEED1 = TEACHERS / "fm_lenet5_bn_seed1.pt"
 TEACHER_HALF_BN = TEACHERS / "fm_lenet5_half_bn_seed0.pt"
 TEACHER_DAFL_OFFICIAL = TEACHERS / "fm_lenet5_dafl_official_seed0.pt"
 TEACHER_RECORDS = TEACHERS / "fm_lenet5_bn_records_seed0.pt"  # the teacher row's recipe + activation records
+# DAFL's official teacher recipe with one change each (what makes a teacher invertible: docs/experiments.md)
+TEACHER_OFFICIAL_AUG = TEACHERS / "fm_lenet5_official_crop_seed0.pt"
+TEACHER_OFFICIAL_LONG = TEACHERS / "fm_lenet5_official_15ep_seed0.pt"
 # The teacher checkpoints kept in git: row -> (checkpoint, the seed of the row's command that made it).
 KEPT_TEACHERS = {"teacher": (TEACHER, 0), "teacher-plain": (TEACHER_PLAIN, 0), "teacher-seed1": (TEACHER_SEED1, 1),
                  "teacher-resnet8": (TEACHER_RESNET8, 0), "teacher-half-bn": (TEACHER_HALF_BN, 0),
-                 "teacher-dafl-official": (TEACHER_DAFL_OFFICIAL, 0), "teacher-records": (TEACHER_RECORDS, 0)}
+                 "teacher-dafl-official": (TEACHER_DAFL_OFFICIAL, 0), "teacher-records": (TEACHER_RECORDS, 0),
+                 "teacher-official-aug": (TEACHER_OFFICIAL_AUG, 0), "teacher-official-long": (TEACHER_OFFICIAL_LONG, 0)}
+#: the placeholders of row commands that name a kept teacher ({teacher_plain} is row teacher-plain's file)
+TEACHER_PLACEHOLDERS = {"teacher": "teacher", "teacher_plain": "teacher-plain",
+                        "teacher_dafl_official": "teacher-dafl-official", "teacher_records": "teacher-records",
+                        "teacher_official_aug": "teacher-official-aug", "teacher_official_long": "teacher-official-long"}
 # zoo row -> the kept teachers whose BN statistics are its priors
 ZOO_PRIORS = {"best-zoo": ["teacher-resnet8", "teacher-seed1"],
               "best-zoo3": ["teacher-resnet8", "teacher-seed1", "teacher-half-bn"]}
@@ -121,6 +129,12 @@ ROWS: dict[str, tuple[str, str]] = {
                               "no augmentation, 3 epochs",
                               "train-teacher --dataset fashion-mnist --arch lenet5 --epochs 3 --optimizer adam --lr 0.001"
                               " --schedule constant --batch-size 256 --augment none --quiet"),
+    "teacher-official-aug": ("teacher lenet5 as teacher-dafl-official, with random crops (its one change)",
+                             "train-teacher --dataset fashion-mnist --arch lenet5 --epochs 3 --optimizer adam --lr 0.001"
+                             " --schedule constant --batch-size 256 --augment crop --quiet"),
+    "teacher-official-long": ("teacher lenet5 as teacher-dafl-official, 15 epochs instead of 3 (its one change)",
+                              "train-teacher --dataset fashion-mnist --arch lenet5 --epochs 15 --optimizer adam --lr 0.001"
+                              " --schedule constant --batch-size 256 --augment none --quiet"),
     "teacher-records": ("teacher lenet5_bn as the teacher row, with activation records for Lopes et al. (--record-metadata)",
                         "train-teacher --dataset fashion-mnist --arch lenet5_bn --epochs 15 --record-metadata --quiet"),
     "student-labels": ("student lenet5_half, labels, real data (15 epochs)",
@@ -133,6 +147,10 @@ ROWS: dict[str, tuple[str, str]] = {
     "dafl-official-teacher": ("DAFL (the dafl row's recipe), teacher trained as DAFL's teacher-train.py",
                               DISTILL.replace("{teacher}", "{teacher_dafl_official}")
                               + " --config configs/fashion-mnist/bench-dafl.yaml"),
+    "dafl-official-aug": ("DAFL (the dafl row's recipe), teacher teacher-official-aug",
+                          DISTILL.replace("{teacher}", "{teacher_official_aug}") + " --config configs/fashion-mnist/bench-dafl.yaml"),
+    "dafl-official-long": ("DAFL (the dafl row's recipe), teacher teacher-official-long",
+                           DISTILL.replace("{teacher}", "{teacher_official_long}") + " --config configs/fashion-mnist/bench-dafl.yaml"),
     "deepinversion": ("DeepInversion (CPU budget recipe)", DISTILL + " --config configs/fashion-mnist/bench-deepinversion.yaml"),
     "deepinversion-adi": ("DeepInversion + ADI (CPU budget recipe)",
                           DISTILL + " --config configs/fashion-mnist/bench-deepinversion-adi.yaml"),
@@ -141,6 +159,8 @@ ROWS: dict[str, tuple[str, str]] = {
     "zskt": ("ZSKT (CPU budget recipe)", DISTILL + " --config configs/fashion-mnist/bench-zskt.yaml"),
     "zskt-plain": ("ZSKT, teacher lenet5 (no BN)", DISTILL.replace("{teacher}", "{teacher_plain}")
                    + " --config configs/fashion-mnist/bench-zskt.yaml"),
+    "zskt-official-teacher": ("ZSKT, teacher trained as DAFL's teacher-train.py",
+                              DISTILL.replace("{teacher}", "{teacher_dafl_official}") + " --config configs/fashion-mnist/bench-zskt.yaml"),
     "dfad": ("DFAD (CPU budget recipe)", DISTILL + " --config configs/fashion-mnist/bench-dfad.yaml"),
     "dfad-plain": ("DFAD, teacher lenet5 (no BN)", DISTILL.replace("{teacher}", "{teacher_plain}")
                    + " --config configs/fashion-mnist/bench-dfad.yaml"),
@@ -210,7 +230,7 @@ KNOWLEDGE_ROWS = ("none", "cc", "ckd", "crd::num_negatives=1024", "dkd", "fsp", 
 for _entry in KNOWLEDGE_ROWS:
     _knowledge = f" --knowledge {_entry}" if _entry != "none" else ""
     ROWS[f"knowledge-{_entry.split(':')[0]}"] = (
-        f"KD on real images (amal-single-real's recipe), gradient clip 5"
+        "KD on real images (amal-single-real's recipe), gradient clip 5"
         + (f", + --knowledge {_entry}" if _knowledge else ", no other knowledge (the reference)"),
         DISTILL + f" --config configs/fashion-mnist/amalgamate-real.yaml student_grad_clip=5{_knowledge}")
 
@@ -246,9 +266,8 @@ def run_one(row: str, seed: int) -> dict:
     """Run one row for one seed in a subprocess; return (and store) its record."""
     description, template = ROWS[row]
     out = RUNS / row / f"seed{seed}"
-    args = template.format(teacher=rel(TEACHER), teacher_plain=rel(TEACHER_PLAIN),
-                           teacher_dafl_official=rel(TEACHER_DAFL_OFFICIAL), teacher_records=rel(TEACHER_RECORDS),
-                           zoo_dir=rel(ZOO_DIR))
+    args = template.format(zoo_dir=rel(ZOO_DIR), **{placeholder: rel(KEPT_TEACHERS[row][0])
+                                                     for placeholder, row in TEACHER_PLACEHOLDERS.items()})
     if args.startswith("train-teacher"):
         args += f" --seed {seed} --out {rel(out)}.pt"
     else:
@@ -310,9 +329,8 @@ def ensure_teachers(jobs: int, rows) -> None:
     """Adopt the kept teacher checkpoints and train those the requested rows need but lack."""
     for row in KEPT_TEACHERS:
         adopt_teacher(row)
-    wanted = {"teacher"} | ({"teacher-plain"} if any(r.endswith("-plain") for r in rows) else set())
-    wanted |= {"teacher-dafl-official"} if "dafl-official-teacher" in rows else set()
-    wanted |= {"teacher-records"} if "lopes" in rows else set()
+    wanted = {"teacher"} | {kept for row in rows for placeholder, kept in TEACHER_PLACEHOLDERS.items()
+                            if "{" + placeholder + "}" in ROWS[row][1]}
     wanted |= {prior for row in rows for prior in ZOO_PRIORS.get(row, [])}
     wanted |= {row for row in rows if row in KEPT_TEACHERS}
     needed = [row for row in KEPT_TEACHERS if row in wanted and not KEPT_TEACHERS[row][0].exists()]
