@@ -31,6 +31,9 @@ def test_help_lists_subcommands_and_defaults():
     for name in ("train-teacher", "distill", "evaluate", "plot", "zoo", "demo"):
         assert name in out
     assert "default 1000" in dfkd("distill", "--help").stdout
+    for command in ("train-teacher", "distill", "amalgamate"):  # options left to the config name no default
+        text = dfkd(command, "--help").stdout
+        assert "(default: None)" not in text and "(default: [])" not in text
 
 
 def test_teacher_is_clearly_better_than_chance_and_evaluates(teacher, tmp_path):

@@ -23,8 +23,18 @@ def sayer(args):
     return lambda text: say(args, text)
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows an option's default only where it has one: most options default to ``None`` (the config
+    file or the method's recipe decides) and say their effective default in their help."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or action.default == []:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def formatter(prog):
-    return argparse.ArgumentDefaultsHelpFormatter(prog, max_help_position=34)
+    return _HelpFormatter(prog, max_help_position=34)
 
 
 def command_line() -> str:
