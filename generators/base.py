@@ -216,6 +216,11 @@ class Synthesizer:
         return merged
 
     @classmethod
+    def student_batch_images(cls, options: dict) -> int:
+        """Images in one student batch under the resolved ``options`` (what the memory check counts)."""
+        return int(options.get("batch_size") or 0)
+
+    @classmethod
     def resolve_options(cls, options: dict) -> dict:
         merged = cls.all_defaults()
         unknown = sorted(set(options) - set(merged))

@@ -203,6 +203,11 @@ class MosaicKD(Synthesizer):
         "schedule": "cosine",
     }
 
+    @classmethod
+    def student_batch_images(cls, options: dict) -> int:
+        """Generated images plus, with ``wild_in_student_batch``, as many wild ones."""
+        return int(options.get("batch_size") or 0) * (2 if options.get("wild_in_student_batch") else 1)
+
     def __init__(self, teacher, image_shape, num_classes, device="cpu", seed=0, images=None, ranks=None, **options):
         super().__init__(teacher, image_shape, num_classes, device, seed, **options)
         o = self.options

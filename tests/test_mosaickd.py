@@ -179,3 +179,22 @@ def test_ranks_take_disjoint_shares_of_each_pass_over_the_wild_set():
     resumed = synth(0)
     resumed.load_state_dict(state)
     assert torch.equal(resumed.wild_batch(resumed.student_order), expected)
+
+
+def test_the_memory_check_counts_the_wild_images_of_a_student_batch():
+    from dfkd.api.preflight import MEMORY_FACTOR, check_memory
+    from dfkd.api.results import RunError
+    from generators import synthesizer_class
+
+    method = synthesizer_class("mosaickd")
+    options = method.resolve_options({"batch_size": 64})
+    assert method.student_batch_images(options) == 128
+    assert method.student_batch_images({**options, "wild_in_student_batch": False}) == 64
+    assert synthesizer_class("fast").student_batch_images(options) == 64
+    image_bytes = 4 * 3 * 32 * 32
+    available = image_bytes * MEMORY_FACTOR * 100  # room for a batch of 100 images, not of 128
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("dfkd.api.preflight.available_memory", lambda device: available)
+        check_memory((3, 32, 32), options, 0, torch.device("cpu"), student_batch=64)  # generated images alone fit
+        with pytest.raises(RunError, match="a batch of 128 images"):
+            check_memory((3, 32, 32), options, 0, torch.device("cpu"), student_batch=128)

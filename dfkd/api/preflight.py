@@ -21,14 +21,17 @@ def available_memory(device: torch.device) -> int | None:
         return None
 
 
-def check_memory(image_shape, options: dict, samples: int, device: torch.device, steps: int = 1) -> None:
+def check_memory(image_shape, options: dict, samples: int, device: torch.device, steps: int = 1,
+                 student_batch: int | None = None) -> None:
     """Refuse a run whose batches cannot fit in memory, before anything is allocated: a batch
-    needs at least ``MEMORY_FACTOR`` x its images' float32 bytes (an image pool and the plot
-    samples their own bytes: the pool as full as ``steps`` can fill it)."""
+    (the larger of the student's, ``student_batch`` images or else ``batch_size``, and the
+    synthesis batch) needs at least ``MEMORY_FACTOR`` x its images' float32 bytes (an image pool
+    and the plot samples their own bytes: the pool as full as ``steps`` can fill it)."""
     per_image = 4
     for side in image_shape:
         per_image *= int(side)
-    batch = max(int(options.get(key) or 0) for key in ("batch_size", "synthesis_batch_size"))
+    student = int(options.get("batch_size") or 0) if student_batch is None else int(student_batch)
+    batch = max(student, int(options.get("synthesis_batch_size") or 0))
     rounds = -(-int(steps) // max(1, int(options.get("student_steps_per_round") or 1)))
     pool = min(int(options.get("pool_size") or 0), int(options.get("synthesis_batch_size") or 0) * rounds)
     need = per_image * (batch * MEMORY_FACTOR + pool + int(samples or 0))

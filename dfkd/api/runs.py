@@ -213,7 +213,8 @@ def execute(config: RunConfig, teacher: nn.Module, meta: dict, *, resume: bool =
     resolved = method.resolve_options(options)  # unknown options, wrong types
     seed_everything(cfg["seed"])
     device = resolve_device(cfg["device"])
-    check_memory(meta["image_shape"], resolved, cfg["samples"], device, cfg["steps"])
+    check_memory(meta["image_shape"], resolved, cfg["samples"], device, cfg["steps"],
+                 student_batch=method.student_batch_images(resolved))
     world, device = init_from_env(device)
     try:
         return _execute(cfg, out, options, resolved, world, device, teacher, meta, resume=resume,
