@@ -19,7 +19,8 @@ from tqdm.auto import tqdm
 
 from teachers.device import autocast, batched_logits, resolve_device
 
-__all__ = ["default_recipe", "train_classifier", "evaluate_classifier", "random_crop_flip", "resolve_device"]
+__all__ = ["default_recipe", "train_classifier", "evaluate_classifier", "classification_report", "random_crop_flip",
+           "resolve_device"]
 
 _OPTIMIZERS = {
     "adam": {"optimizer": "adam", "lr": 1e-3, "weight_decay": 0.0},
@@ -92,7 +93,11 @@ def evaluate_classifier(
     model.to(dev)
     if len(x) == 0:
         raise ValueError("evaluate_classifier needs at least one example")
-    logits = batched_logits(model, x, dev, batch_size)
+    return classification_report(batched_logits(model, x, dev, batch_size), y)
+
+
+def classification_report(logits: torch.Tensor, y: torch.Tensor) -> dict:
+    """What :func:`evaluate_classifier` returns, from a model's ``logits`` (N x k) and the labels ``y``."""
     k = logits.shape[1]
     pred = logits.argmax(1)
     y = y.detach().cpu().long()

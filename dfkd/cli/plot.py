@@ -6,9 +6,11 @@ from pathlib import Path
 
 import torch
 
+from dfkd.api.runs import ANALYSIS_IMAGES
 from dfkd.cli.common import CLIError, add_common, formatter
 from dfkd.config import load_yaml
-from dfkd.data import load_dataset
+from dfkd.data import open_dataset
+from dfkd.engine.evaluation import EvalData
 from dfkd.engine.rundir import RunLock
 from dfkd.reporting import plots
 from dfkd.reporting.analysis import analyze_run
@@ -59,17 +61,18 @@ def _plot(args, run_dir: Path) -> int:
     teacher, meta = run_teacher(cfg)
     student, _ = load_checkpoint(run_dir / "student.pt")
     teacher, student = freeze(teacher), student.eval()
-    real = None
+    real_images = real_labels = None
     if args.kind in ("embedding", "confusion", "all", "samples"):
-        try:
-            real = load_dataset(cfg.get("eval_dataset") or meta["dataset"], "test", root=cfg.get("data_root"),
-                                classes=meta["classes"], image_size=meta["image_shape"][1])
+        try:  # the images a run's own plots read: the first ANALYSIS_IMAGES of the test split, a batch at a time
+            split = open_dataset(cfg.get("eval_dataset") or meta["dataset"], "test", root=cfg.get("data_root"),
+                                 classes=meta["classes"], image_size=meta["image_shape"][1])
+            real_images, real_labels = EvalData.from_dataset(split).head(ANALYSIS_IMAGES)
         except Exception as exc:
             if args.kind in ("embedding", "confusion"):
                 raise
             print(f"note: real images not shown ({exc})", file=sys.stderr)
-    result = analyze_run(run_dir, teacher, student, samples, None if real is None else real.images,
-                         None if real is None else real.labels, list(meta["class_names"]), embedding=args.embedding)
+    result = analyze_run(run_dir, teacher, student, samples, real_images, real_labels, list(meta["class_names"]),
+                         embedding=args.embedding)
     for name in result.get("plots", []):
         if args.kind == "all" or name.startswith(args.kind):
             print(run_dir / name)

@@ -70,16 +70,18 @@ def run_train_teacher(args) -> int:
 
 
 def run_evaluate(args) -> int:
-    from dfkd.data import load_dataset
-    from teachers import evaluate_classifier, load_checkpoint
+    from dfkd.data import open_dataset
+    from dfkd.engine.evaluation import model_logits
+    from teachers import load_checkpoint
     from teachers.device import resolve_device
+    from teachers.training import classification_report
 
     model, meta = load_checkpoint(args.model)
     device = resolve_device(args.device)
     dataset = args.dataset or meta["dataset"]
-    test = load_dataset(dataset, "test", root=args.data_root, download=args.download, classes=meta["classes"],
-                        image_size=meta["image_shape"][1])
-    result = evaluate_classifier(model.to(device), test.images, test.labels, device=device)
+    test = open_dataset(dataset, "test", root=args.data_root, download=args.download, classes=meta["classes"],
+                        image_size=meta["image_shape"][1])  # read a batch at a time
+    result = classification_report(model_logits(model.to(device), test, device), test.labels)
     print(f"{args.model}: {meta.get('arch', '')} accuracy {100 * result['accuracy']:.2f}% on {dataset} test ({len(test)} images)")
     for name, acc in zip(test.info.class_names, result["per_class_accuracy"]):
         print(f"  {name:>14s}: {'n/a' if acc is None else f'{100 * acc:.2f}%'}")
