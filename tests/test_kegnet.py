@@ -26,6 +26,19 @@ def test_diversity_term_is_the_hand_computation():
     assert diversity_loss(z, torch.ones(2, 1, 2)).item() == pytest.approx(1.0)
 
 
+def test_pairwise_l1_has_the_broadcast_differences_values_and_gradients():
+    from generators.kegnet import pairwise_mean_distance
+
+    rows = torch.randn(7, 5, dtype=torch.float64, requires_grad=True)
+    weights = torch.randn(7, 7, dtype=torch.float64)
+    broadcast = (rows.unsqueeze(0) - rows.unsqueeze(1)).abs().mean(2)
+    fast = pairwise_mean_distance(rows, "l1")
+    assert torch.allclose(fast, broadcast)
+    (g_fast,) = torch.autograd.grad((fast * weights).sum(), rows)
+    (g_broadcast,) = torch.autograd.grad((broadcast * weights).sum(), rows)
+    assert torch.allclose(g_fast, g_broadcast)
+
+
 def test_generator_is_conditional_and_gives_pixels():
     torch.manual_seed(0)
     gen = KegNetGenerator(10, SHAPE, nz=10, mean=[0.3], std=[0.35]).eval()
