@@ -101,6 +101,31 @@ def _dfkd(args, processes: int = 1):
                           timeout=300)
 
 
+def test_torchrun_writes_one_run_directory_and_resumes_only_with_its_world(tmp_path):
+    """The quick part of the test below (20 steps): two processes write one run directory with
+    the one-process image count, an unfinished run resumes only with two processes, and a
+    global batch the processes cannot share is refused before anything is written."""
+    import json
+
+    teacher = tmp_path / "t.pt"
+    assert _dfkd(["train-teacher", "--dataset", "digits", "--epochs", 1, "--quiet", "--out", teacher]).returncode == 0
+    (tmp_path / "tiny.yaml").write_text(TINY_FAST.replace("steps: 200", "steps: 20"))
+    common = ["distill", "--teacher", teacher, "--config", tmp_path / "tiny.yaml", "--quiet"]
+    two = _dfkd([*common, "--out", tmp_path / "two", "eval_every=0"], processes=2)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.stdout.count("run directory:") == 1
+    summary = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["options"]["batch_size"] == 64
+    for name in ("report.md", "summary.json"):
+        (tmp_path / "two" / name).unlink()
+    refused = _dfkd(["distill", "--resume", tmp_path / "two", "--quiet"])
+    assert refused.returncode == 3 and "written by 2 process(es), this run has 1" in refused.stderr
+    odd = _dfkd([*common, "--out", tmp_path / "odd", "batch_size=63"], processes=2)
+    assert odd.returncode != 0 and not (tmp_path / "odd").exists()
+    assert "batch_size 63 cannot be split over 2 processes" in odd.stderr
+
+
+@pytest.mark.slow
 def test_torchrun_distill_matches_one_process_and_resumes_only_with_its_world(tmp_path):
     """``torchrun --nproc_per_node=2 -m dfkd distill`` on digits: one run directory written by
     rank 0, the global batch and image count of one process, the replicas identical (the engine
