@@ -37,11 +37,13 @@ def student():
 
 @pytest.fixture(autouse=True)
 def _sigint_handler_restored():
-    """Each test starts with Python's default Ctrl-C handler (runs defer Ctrl-C only over that
-    one); a test that leaves another installed is named in a warning and the default restored."""
+    """Each test starts with Python's default Ctrl-C handler (runs defer Ctrl-C only over that one):
+    pytest started in the background by a non-interactive shell inherits SIGINT ignored, and a test
+    that leaves another handler installed is named in a warning; the default is restored either way."""
     import signal
     import warnings
 
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     yield
     if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
         warnings.warn("this test left a non-default SIGINT handler installed; restored", stacklevel=1)
