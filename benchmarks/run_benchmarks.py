@@ -448,6 +448,21 @@ SPEED_TABLES = [
 ]
 
 
+def zoo_size_section() -> str:
+    """The zoo-size series of ``benchmarks/zoo_scale.py``, if its records exist."""
+    path = RESULTS / "zoo_scale.json"
+    if not path.exists():
+        return ""
+    from zoo_scale import table  # the series' own table (benchmarks/ is this script's directory)
+
+    return ("\n## Zoo size\n"
+            "Zoos of 2, 3, 5 and 10 Fashion-MNIST members of mixed architectures on parts of the classes, amalgamated "
+            "data-free into `lenet5_half` (`amalgamate-fast.yaml`, 500 student steps, `--combine auto --synthesis auto`); "
+            "ensemble accuracies are on the real test images. Seconds per student step include every member's "
+            "synthesis. Regenerate: `OMP_NUM_THREADS=1 .venv/bin/python benchmarks/zoo_scale.py --steps 500 --seeds 0 1 2 "
+            "--json benchmarks/results/zoo_scale.json`.\n\n" + table(json.loads(path.read_text())) + "\n")
+
+
 def speed_sections() -> str:
     """The throughput tables of :data:`SPEED_TABLES` whose JSON files exist."""
     parts = []
@@ -553,7 +568,7 @@ Runs ran on: {machines_used(every_record)}. This file was written on {machine()}
 | row | what | accuracy % | agreement % | wall s | images synthesized | images/s | peak MiB | Fréchet (teacher features) | seeds | published |
 |---|---|---|---|---|---|---|---|---|---|---|
 """ + "\n".join(rows) + "\n\nThe commands of every run are in `benchmarks/results/<row>/seed<k>.json`.\n"
-    text += reading(accuracy) + teachers_used() + speed_sections()
+    text += reading(accuracy) + teachers_used() + zoo_size_section() + speed_sections()
     path = ROOT / "benchmarks" / "RESULTS.md"
     path.write_text(text)
     return path
