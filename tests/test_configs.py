@@ -13,8 +13,9 @@ RECIPES = sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml
 def test_there_are_recipes_for_each_dataset_and_method():
     names = {(p.parent.name, p.stem) for p in RECIPES}
     for dataset in ("digits", "fashion-mnist", "mnist", "cifar10", "cifar100"):
-        for method in ("dafl", "deepinversion", "zskt", "dfad", "fast"):
-            assert (dataset, method) in names
+        for method in ("dafl", "deepinversion", "zskt", "dfad", "fast", "cmi", "zskd", "kegnet", "dfnd", "mosaickd",
+                       "lopes"):
+            assert (dataset, method) in names, f"no recipe configs/{dataset}/{method}.yaml"
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: f"{p.parent.name}/{p.name}")
