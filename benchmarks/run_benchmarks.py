@@ -224,9 +224,10 @@ ROWS: dict[str, tuple[str, str]] = {
 #: unlabelled images), each at its paper's weight; every row clips the student's gradient norm at 5, without
 #: which DKD, FT, RKD and SP leave this BatchNorm-free student at chance and FSP and NST diverge (the clip
 #: alone leaves KD where it was: knowledge-none). CRD draws 1024 negatives instead of 16,384 (16,384 cost
-#: about 5 s a step on one thread). ALP-KD and RAIL-KD need teacher layers of one width (docs/experiments.md).
-KNOWLEDGE_ROWS = ("none", "cc", "ckd", "crd::num_negatives=1024", "dkd", "fsp", "ft", "nst", "pkd", "pkt", "rkd",
-                  "sp", "vid")
+#: about 5 s a step on one thread). ALP-KD and RAIL-KD compare teacher layers of one width: teacher_width=120
+#: projects LeNet-5's blocks (1176, 400, 120 wide) to its last block's width (docs/experiments.md).
+KNOWLEDGE_ROWS = ("none", "alp_kd::teacher_width=120", "cc", "ckd", "crd::num_negatives=1024", "dkd", "fsp", "ft",
+                  "nst", "pkd", "pkt", "rail_kd::teacher_width=120", "rkd", "sp", "vid")
 for _entry in KNOWLEDGE_ROWS:
     _knowledge = f" --knowledge {_entry}" if _entry != "none" else ""
     ROWS[f"knowledge-{_entry.split(':')[0]}"] = (

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 import dfkd.knowledge as K
 from dfkd.core.losses import kd_loss
 from dfkd.knowledge import create_knowledge
+from dfkd.knowledge.mapping import patient_loss
 
 ATOL = 1e-5
 
@@ -577,6 +578,40 @@ def test_rail_kd_loss_uses_its_seeded_draw():
                        for j, k in enumerate(a.last_mapping))
         close(la, expected)
 
+
+
+def test_teacher_width_projects_teacher_layers_of_different_widths():
+    r = rng(22)
+    s = [r.normal(size=(3, 4)) for _ in range(2)]
+    t = [r.normal(size=(3, d)) for d in (6, 4, 5)]  # a CNN's blocks: one width per layer
+    st, tt = [tens(x, grad=True) for x in s], [tens(x) for x in t]
+    with pytest.raises(ValueError, match="different widths"):
+        create_knowledge("alp_kd", teacher_layers=3, student_layers=2)(st, tt)
+    alp = create_knowledge("alp_kd", teacher_layers=3, student_layers=2, teacher_width=4)
+    loss = alp(st, tt)
+    assert sorted(alp.teacher_projections) == ["1", "3"] and not alp.adapters  # layer 2 is already 4 wide
+    proj = {k: m.weight.double().numpy() for k, m in alp.teacher_projections.items()}
+    tp = [t[k] @ proj[str(k + 1)].T if str(k + 1) in proj else t[k] for k in range(3)]
+    expected = 0.0
+    for j in range(2):
+        target = np.stack([sum(w * tp[k][b] for k, w in enumerate(softmax(np.array([tp[k][b] @ s[j][b] for k in range(3)]))))
+                           for b in range(3)])
+        expected += np.mean((s[j] - target) ** 2)
+    close(loss, expected)
+    loss.backward()
+    assert alp.extra_parameters() == [] and all(x.grad is not None for x in st)  # ALP-KD's maps are fixed
+    rail = create_knowledge("rail_kd", teacher_layers=3, student_layers=2, teacher_width=2,
+                            generator=torch.Generator().manual_seed(0))
+    rail(st, tt).backward()
+    drawn = rail.teacher_projections[str(rail.last_mapping[0])]
+    assert len(rail.extra_parameters()) == 8 and drawn.weight.grad is not None and rail.adapters["1"].weight.grad is not None
+    value = rail(st, tt)  # RAIL-KD's projections learn with the student (6 teacher, 2 adapter tensors)
+    assert sorted(rail.teacher_projections) == ["1", "2", "3"] and sorted(rail.adapters) == ["1"]
+    (k,) = rail.last_mapping
+    hs = rail.adapters["1"](st[0])
+    close(value, patient_loss(hs, rail.teacher_projections[str(k)](tt[k - 1])))
+    with pytest.raises(ValueError, match="teacher_width must be a positive integer"):
+        create_knowledge("alp_kd", teacher_layers=3, student_layers=2, teacher_width=0)
 
 # ----------------------------------------------------------------------------- every loss: gradients
 FEATURE_CASES = {

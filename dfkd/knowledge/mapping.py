@@ -9,11 +9,19 @@ layer (e.g. the ``[CLS]`` vector, or pooled features; larger tensors are flatten
 
 Student layers whose width differs from the teacher layer(s) they learn from get a linear
 adapter ``D_S -> D_T`` (an extension: the papers distil between equal widths), built from
-``student_dims``/``teacher_dims`` when given, else from the first batch.
+``student_dims``/``teacher_dims`` when given, else from the first batch. ALP-KD and RAIL-KD
+compare a student layer with teacher layers of one width; for a teacher whose layers differ
+(a CNN's blocks), ``teacher_width=D`` maps every teacher layer of another width through its
+own linear projection ``D_T^k -> D`` first. RAIL-KD's layer-wise variant projects both sides
+with trainable maps, and so does :class:`RAILKD` (its loss compares unit vectors, so shrinking
+both sides gains nothing). For ALP-KD, an extension, the projections are fixed random maps
+(``N(0, 1/D)`` entries, no bias): its plain MSE would otherwise be lowered by shrinking the
+trainable projection and the student's features together to zero, which killed the student
+(10% after 200 steps on Fashion-MNIST, docs/experiments.md).
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import ClassVar, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -110,12 +118,19 @@ class _LayerMapping(Knowledge):
     """Shared parts: depth checks, flattening and the lazily built student adapters."""
 
     layers = "all"
+    #: ``teacher_width``'s projections learn with the student (True) or are fixed random maps
+    learned_teacher_projections: ClassVar[bool] = True
 
-    def __init__(self, teacher_layers: int, student_layers: int, student_dims=None, teacher_dims=None):
+    def __init__(self, teacher_layers: int, student_layers: int, student_dims=None, teacher_dims=None,
+                 teacher_width: int | None = None):
         super().__init__()
         _check_depths(teacher_layers, student_layers)
+        if teacher_width is not None and (not isinstance(teacher_width, int) or teacher_width < 1):
+            raise ValueError(f"{self.name}: teacher_width must be a positive integer, got {teacher_width!r}")
         self.teacher_layers, self.student_layers = teacher_layers, student_layers
+        self.teacher_width = teacher_width
         self.adapters = nn.ModuleDict()
+        self.teacher_projections = nn.ModuleDict()  # teacher layer k -> Linear(D_T^k, teacher_width)
         ds, dt = _dims(student_dims, student_layers, "student_dims"), _dims(teacher_dims, teacher_layers, "teacher_dims")
         if ds is not None and dt is not None:
             self._build(ds, dt)
@@ -127,6 +142,7 @@ class _LayerMapping(Knowledge):
         raise NotImplementedError("abstract: each mapping names the teacher layers of each student layer")
 
     def _build(self, ds: list[int], dt: list[int], device=None) -> None:
+        dt = self._project_teacher_widths(dt, device)
         for j, ks in self._targets().items():
             widths = {dt[k - 1] for k in ks}
             if len(widths) != 1:
@@ -143,7 +159,24 @@ class _LayerMapping(Knowledge):
                              f"layers, got {len(s)} and {len(t)}")
         if self._pending:
             self._build([x.shape[1] for x in s], [x.shape[1] for x in t], s[0].device)
+        t = [self.teacher_projections[str(k)](x) if str(k) in self.teacher_projections else x
+             for k, x in enumerate(t, start=1)]
         return s, t
+
+    def _project_teacher_widths(self, dt: list[int], device=None) -> list[int]:
+        """Build the teacher projections of ``teacher_width`` (if set); the teacher widths after them."""
+        if self.teacher_width is None:
+            return dt
+        for k, width in enumerate(dt, start=1):
+            if width == self.teacher_width:
+                continue
+            if self.learned_teacher_projections:
+                projection = nn.Linear(width, self.teacher_width)
+            else:  # fixed random map, N(0, 1/D): lengths and dot products kept in expectation
+                projection = nn.Linear(width, self.teacher_width, bias=False).requires_grad_(False)
+                nn.init.normal_(projection.weight, std=self.teacher_width ** -0.5)
+            self.teacher_projections[str(k)] = projection.to(device)
+        return [self.teacher_width] * len(dt)
 
     def _student(self, s: list[torch.Tensor], j: int) -> torch.Tensor:
         key = str(j)
@@ -220,13 +253,16 @@ class ALPKD(_LayerMapping):
     ``f_T^j = sum_k alpha_jk h_T^k`` and ``L = sum_j MSE(h_S^j, f_T^j)`` (mean over batch and
     features). The attention itself has no parameters (it is computed from the student's
     own vector, so its gradient reaches the student); only width adapters, where widths
-    differ, are trainable. All teacher layers must share one width.
+    differ, are trainable. All teacher layers must share one width, or ``teacher_width`` projects
+    them to one (module docstring).
     """
 
+    learned_teacher_projections = False
+
     def __init__(self, teacher_layers: int = 12, student_layers: int = 6, temperature: float = 1.0,
-                 student_dims=None, teacher_dims=None):
+                 student_dims=None, teacher_dims=None, teacher_width: int | None = None):
         self.temperature = float(temperature)
-        super().__init__(teacher_layers, student_layers, student_dims, teacher_dims)
+        super().__init__(teacher_layers, student_layers, student_dims, teacher_dims, teacher_width)
 
     def _targets(self):
         return {j: list(range(1, self.teacher_layers + 1)) for j in range(1, self.student_layers + 1)}
@@ -250,17 +286,19 @@ class RAILKD(_LayerMapping):
     Each call draws a new sorted set of teacher layers (:func:`rail_kd_layers`, from the
     ``generator`` given at construction or to ``forward``; the draw is kept in
     ``last_mapping``) and applies PKD's normalised distance to the pairs (:func:`patient_loss`,
-    summed). The paper's layer-wise variant projects both sides linearly before comparing;
-    here only a student adapter is used, where widths differ. All teacher layers that can be
-    drawn must share one width.
+    summed). The paper's layer-wise variant projects both sides linearly before comparing:
+    ``teacher_width=D`` projects every teacher layer to width ``D`` and the student adapters
+    map to ``D``; without it only a student adapter is used, where widths differ, and all
+    teacher layers that can be drawn must share one width.
     """
 
     def __init__(self, teacher_layers: int = 12, student_layers: int = 6, include_last: bool = False,
-                 generator: torch.Generator | None = None, student_dims=None, teacher_dims=None):
+                 generator: torch.Generator | None = None, student_dims=None, teacher_dims=None,
+                 teacher_width: int | None = None):
         self.include_last, self.generator, self.last_mapping = bool(include_last), generator, None
         if student_layers < 2 and not include_last:
             raise ValueError("rail_kd: a one-layer student has no intermediate layer; use include_last=True")
-        super().__init__(teacher_layers, student_layers, student_dims, teacher_dims)
+        super().__init__(teacher_layers, student_layers, student_dims, teacher_dims, teacher_width)
 
     def _targets(self):
         out = {j: list(range(1, self.teacher_layers)) for j in range(1, self.student_layers)}
