@@ -100,6 +100,7 @@ PUBLISHED = {
     "dfnd": "CIFAR/ImageNet only (DFND paper); wild data here: digits",
     "lopes": "MNIST only (Lopes et al. 2017, fully connected teachers)",
     "mosaickd": "CIFAR/ImageNet only (MosaicKD paper); wild data here: digits",
+    "kegnet": "Fashion-MNIST only for Tucker-compressed copies of the teacher (KegNet paper), not a new student",
 }
 
 # row -> (description, dfkd arguments without --seed/--out). {teacher} is filled in.
@@ -219,6 +220,8 @@ ROWS: dict[str, tuple[str, str]] = {
               DISTILL.replace("{teacher}", "{teacher_records}") + " --config configs/fashion-mnist/lopes.yaml"),
     "mosaickd": ("MosaicKD: a generator whose patches a discriminator cannot tell from the wild images' (digits)",
                  DISTILL + " --config configs/fashion-mnist/mosaickd.yaml"),
+    "kegnet": ("KegNet (CPU budget recipe: 5 generators of 1500 steps of 64, the official losses and student)",
+               DISTILL + " --config configs/fashion-mnist/bench-kegnet.yaml"),
 }
 #: forms of knowledge on top of KD, on real images (the amal-single-real recipe: 2000 steps of 128 real
 #: unlabelled images), each at its paper's weight; every row clips the student's gradient norm at 5, without
@@ -518,7 +521,7 @@ def reading(accuracy: dict[str, str]) -> str:
   overlapping teacher lets `uhc` reconcile them. Members put on one scale (`calibrated_concat`) and
   per-member synthesis (`-pm`) recover most of the gap to one all-class teacher (`amal-single*`).
 - The `knowledge-*` rows add one form of knowledge at its paper's weight to KD on real images, against
-  `knowledge-none` (the same recipe and gradient clip without it); the method rows `cmi`, `dfnd`, `mosaickd`, `zskd` are the
+  `knowledge-none` (the same recipe and gradient clip without it); the method rows `cmi`, `dfnd`, `kegnet`, `lopes`, `mosaickd`, `zskd` are the
   newer papers at a CPU budget (`dfnd` and `mosaickd` read digits as their wild images).
 - Wall seconds of runs made while three or four runs shared the two cores (see each record's
   `command` and date in `docs/experiments.md`) overstate their cost; accuracy is unaffected.
