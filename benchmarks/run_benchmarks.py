@@ -517,7 +517,7 @@ def reading(accuracy: dict[str, str]) -> str:
   their official code, at a CPU budget; each config file says what it changes. DFAD's and ZSKT's generators
   cover a few modes each (hence their seed spread); per-batch DeepInversion sees 6,400-12,800 images.
 - `dafl` and `dafl-plain` distill from our 15-epoch, augmented teachers; from a teacher trained like the
-  official DAFL code's (3 epochs, no augmentation, about 84%) the same recipe reaches about 66%.
+  official DAFL code's (3 epochs, no augmentation, about 84%) the same recipe reaches about 64% (`dafl-official-teacher`).
 - The `-plain` rows use the `lenet5` teacher without BatchNorm. The Fréchet distance is measured in each
   row's own teacher's features, so the `-plain` rows' values are on another scale.
 - The `amal-*` rows amalgamate teachers trained on parts of the classes: in (a) two teachers on disjoint
