@@ -25,49 +25,57 @@ import os, sys, torch
 import torch.distributed as dist
 from dfkd.core.collective import global_mean_var
 from dfkd.engine.distributed import all_gather_cat, init_from_env, shutdown, sum_int, wrap_student
+
+
+# every check in one function: its tensors, autograd graphs and DDP wrapper (which hold the
+# process group) are gone when it returns, so that no gloo thread outlives the group at exit
+def checks(world, device):
+    torch.manual_seed(0)
+    full = torch.randn(7, 3, 4, 4)
+    mine = full[:3] if world.rank == 0 else full[3:]
+    # counts and uneven gathers
+    assert sum_int(world.rank + 1, world) == 3
+    assert torch.equal(all_gather_cat(mine, world), full)
+    # global BN moments through a differentiable all-reduce, gradients to each rank's own images
+    x = mine.clone().requires_grad_(True)
+    mean, var = global_mean_var(x, [0, 2, 3])
+    ref_var, ref_mean = torch.var_mean(full, dim=[0, 2, 3], unbiased=False)
+    assert torch.allclose(mean, ref_mean, atol=1e-6) and torch.allclose(var, ref_var, atol=1e-5)
+    (mean.sum() + var.sum()).backward()
+    ref = full.clone().requires_grad_(True)
+    rv, rm = torch.var_mean(ref, dim=[0, 2, 3], unbiased=False)
+    (rm.sum() + rv.sum()).backward()
+    expected = ref.grad[:3] if world.rank == 0 else ref.grad[3:]
+    assert torch.allclose(x.grad, expected, atol=1e-5), (x.grad - expected).abs().max()
+    # a BN-statistics hook with global moments scores each rank's share as the whole batch
+    from dfkd.core.bn import BNStatisticsHook
+    bn = torch.nn.BatchNorm2d(3).eval()
+    bn.running_mean.fill_(0.1)
+    bn.running_var.fill_(2.0)
+    hook = BNStatisticsHook(bn, global_moments=True)
+    bn(mine)
+    shared = hook.loss()
+    hook.close()
+    hook = BNStatisticsHook(bn)
+    bn(full)
+    assert torch.allclose(shared, hook.loss(), atol=1e-5)
+    hook.close()
+    # a DDP student stays identical on both ranks after steps on different data
+    torch.manual_seed(1)
+    student = wrap_student(torch.nn.Linear(4, 2), world, device)
+    opt = torch.optim.SGD(student.parameters(), lr=0.5)
+    for _ in range(3):
+        opt.zero_grad()
+        student(torch.randn(5, 4) * (world.rank + 1)).square().mean().backward()
+        opt.step()
+    weights = torch.cat([p.detach().flatten() for p in student.parameters()])
+    gathered = [torch.zeros_like(weights) for _ in range(2)]
+    dist.all_gather(gathered, weights)
+    assert torch.equal(gathered[0], gathered[1])
+
+
 world, device = init_from_env(torch.device("cpu"))
-torch.manual_seed(0)
-full = torch.randn(7, 3, 4, 4)
-mine = full[:3] if world.rank == 0 else full[3:]
-# counts and uneven gathers
-assert sum_int(world.rank + 1, world) == 3
-assert torch.equal(all_gather_cat(mine, world), full)
-# global BN moments through a differentiable all-reduce, gradients to each rank's own images
-x = mine.clone().requires_grad_(True)
-mean, var = global_mean_var(x, [0, 2, 3])
-ref_var, ref_mean = torch.var_mean(full, dim=[0, 2, 3], unbiased=False)
-assert torch.allclose(mean, ref_mean, atol=1e-6) and torch.allclose(var, ref_var, atol=1e-5)
-(mean.sum() + var.sum()).backward()
-ref = full.clone().requires_grad_(True)
-rv, rm = torch.var_mean(ref, dim=[0, 2, 3], unbiased=False)
-(rm.sum() + rv.sum()).backward()
-expected = ref.grad[:3] if world.rank == 0 else ref.grad[3:]
-assert torch.allclose(x.grad, expected, atol=1e-5), (x.grad - expected).abs().max()
-# a BN-statistics hook with global moments scores each rank's share as the whole batch
-from dfkd.core.bn import BNStatisticsHook
-bn = torch.nn.BatchNorm2d(3).eval()
-bn.running_mean.fill_(0.1)
-bn.running_var.fill_(2.0)
-hook = BNStatisticsHook(bn, global_moments=True)
-bn(mine)
-shared = hook.loss()
-hook.close()
-hook = BNStatisticsHook(bn)
-bn(full)
-assert torch.allclose(shared, hook.loss(), atol=1e-5)
-hook.close()
-# a DDP student stays identical on both ranks after steps on different data
-torch.manual_seed(1)
-student = wrap_student(torch.nn.Linear(4, 2), world, device)
-opt = torch.optim.SGD(student.parameters(), lr=0.5)
-for _ in range(3):
-    opt.zero_grad()
-    student(torch.randn(5, 4) * (world.rank + 1)).square().mean().backward()
-    opt.step()
-weights = torch.cat([p.detach().flatten() for p in student.parameters()])
-gathered = [torch.zeros_like(weights) for _ in range(2)]
-dist.all_gather(gathered, weights)
-assert torch.equal(gathered[0], gathered[1])
+checks(world, device)
 shutdown()
 print("ok", world.rank)
 """

@@ -17,6 +17,7 @@ from ``torch.distributed`` beyond availability checks.
 """
 from __future__ import annotations
 
+import gc
 import os
 import warnings
 from dataclasses import dataclass
@@ -69,7 +70,11 @@ def init_from_env(device: torch.device) -> tuple[World, torch.device]:
 
 
 def shutdown() -> None:
+    """Destroy the process group, after collecting unreachable objects: a DDP wrapper or an
+    autograd graph of a collective left in a reference cycle holds the group, and a group that
+    outlives ``destroy_process_group`` can abort the process at exit (gloo threads)."""
     if dist.is_available() and dist.is_initialized():
+        gc.collect()
         dist.destroy_process_group()
 
 
