@@ -99,16 +99,17 @@ PUBLISHED = {
     "cmi": "CIFAR-10 only (CMI paper); target: fast's row",
     "dfnd": "CIFAR/ImageNet only (DFND paper); wild data here: digits",
     "lopes": "MNIST only (Lopes et al. 2017, fully connected teachers)",
-    "lopes-all": "MNIST only (Lopes et al. 2017, fully connected teachers)",
     "mosaickd": "CIFAR/ImageNet only (MosaicKD paper); wild data here: digits",
     "kegnet": "Fashion-MNIST only for Tucker-compressed copies of the teacher (KegNet paper), not a new student",
 }
+PUBLISHED["lopes-all"] = PUBLISHED["lopes"]
 
 # row -> (description, dfkd arguments without --seed/--out). {teacher} is filled in.
 DISTILL = "distill --teacher {teacher} --student lenet5_half --quiet"
 AMALGAMATE = ("amalgamate --zoo {{zoo_dir}}/zoo_{zoo}.yaml --student lenet5_half --quiet"
               " --config configs/fashion-mnist/amalgamate-{recipe}.yaml")
 BEST_RECIPE = DISTILL + " --config configs/fashion-mnist/best.yaml"
+LOPES_RECIPE = DISTILL.replace("{teacher}", "{teacher_records}") + " --config configs/fashion-mnist/lopes.yaml"
 
 
 def bn_prior_flags(row: str) -> str:
@@ -218,10 +219,9 @@ ROWS: dict[str, tuple[str, str]] = {
     "cmi": ("CMI (CPU budget recipe sized like fast's: generator kept across rounds, 2 steps per round)",
             DISTILL + " --config configs/fashion-mnist/cmi.yaml"),
     "lopes": ("Lopes et al. 2017: inputs reconstructed from the teacher's activation records (top layer)",
-              DISTILL.replace("{teacher}", "{teacher_records}") + " --config configs/fashion-mnist/lopes.yaml"),
+              LOPES_RECIPE),
     "lopes-all": ("Lopes et al. 2017: inputs reconstructed from the activation records of every layer",
-                  DISTILL.replace("{teacher}", "{teacher_records}") + " --config configs/fashion-mnist/lopes.yaml"
-                  " options.objective=all_layers"),
+                  LOPES_RECIPE + " options.objective=all_layers"),
     "mosaickd": ("MosaicKD: a generator whose patches a discriminator cannot tell from the wild images' (digits)",
                  DISTILL + " --config configs/fashion-mnist/mosaickd.yaml"),
     "kegnet": ("KegNet (CPU budget recipe: 5 generators of 1500 steps of 64, the official losses and student)",
